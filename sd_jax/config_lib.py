@@ -1,0 +1,181 @@
+"""Config helpers shared by every file in `configs/`.
+
+A config file defines `get_config(arg=None)` and returns an `ml_collections.ConfigDict`. The string after the
+colon in `--config=configs/X.py:model=tiny,runlocal=True` arrives as `arg`; `parse_arg` turns it into typed
+values using the defaults the config file declares, and rejects keys it does not know.
+
+`base_config()` holds the keys every trainer understands, with their defaults in one place; an experiment file
+overrides a handful of them.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+# Keys every trainer understands (see the foundation issue); validated in `validate`.
+COMMON_KEYS = ("trainer", "seed", "batch_size", "total_steps", "log_every_steps", "save_every_steps", "keep",
+               "mesh", "parallelism", "init_from", "dataset")
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  """Converts the string `value` to the type of `default`."""
+  if isinstance(default, bool):
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config arg {key}={value!r}: expected a boolean (True/False).")
+  if isinstance(default, int):
+    try:
+      return int(value)
+    except ValueError:
+      raise ValueError(f"config arg {key}={value!r}: expected an integer.") from None
+  if isinstance(default, float):
+    try:
+      return float(value)
+    except ValueError:
+      raise ValueError(f"config arg {key}={value!r}: expected a number.") from None
+  if isinstance(default, (tuple, list)):
+    parsed = ast.literal_eval(value) if value.startswith(("(", "[")) else tuple(value.split("+"))
+    return tuple(parsed)
+  return value
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2=v2' into a locked ConfigDict typed after `defaults`.
+
+  A bare key (`runlocal`) means `runlocal=True`. Unknown keys fail with the list of valid ones.
+  """
+  result = ml_collections.ConfigDict(dict(defaults))
+  if arg:
+    for item in arg.split(","):
+      item = item.strip()
+      if not item:
+        continue
+      key, sep, value = item.partition("=")
+      key = key.strip()
+      if key not in defaults:
+        raise ValueError(f"Unknown config arg {key!r}. Valid args: {', '.join(sorted(defaults))}.")
+      if not sep:
+        value = "True"
+      result[key] = _convert(key, value.strip(), defaults[key])
+  result.lock()
+  return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all trainers. Config files start from this and override."""
+  c = ml_collections.ConfigDict()
+  c.trainer = ""                # which module in sd_jax/trainers/ runs: ddpm | ...
+  c.seed = 0                    # model init, per-step randomness (fold_in(step)) and data order
+  c.batch_size = 64             # global batch over all hosts and devices
+  c.total_steps = 10_000
+  c.log_every_steps = 50        # metrics.jsonl / TensorBoard / console
+  c.eval_every_steps = 1_000    # held-out loss and trainer-specific evaluation; 0 = only at the end
+  c.eval_batches = 8            # held-out batches averaged per evaluation (-1 = the whole split)
+  c.sample_every_steps = 1_000  # sample grid with the EMA params; 0 = only at the end; -1 = never
+  c.save_every_steps = 1_000
+  c.keep = 3                    # checkpoints kept (orbax max_to_keep)
+  c.async_checkpointing = True
+  c.parallelism = "jit"         # "jit" (sharded by the mesh below) or "pmap" (data parallel)
+
+  # Device mesh. -1 takes up the remaining devices; the product must equal the device count.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis name -> mesh axes. Models name axes; this maps them onto the mesh. A dimension that a mesh
+  # axis does not divide is replicated (see parallel.py).
+  c.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("conv_in", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("conv_out", "tensor"),
+      ("vocab", "tensor"),
+      ("norm", None),
+      ("conv_h", None),
+      ("conv_w", None),
+      ("height", None),
+      ("width", None),
+      ("channels", None),
+      ("length", None),
+  )
+
+  c.init_from = ""              # params only, from another workdir or a checkpoint directory
+  c.init_allow_partial = False  # if True, missing/unexpected keys in init_from are reported, not fatal
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"        # adamw | adam | sgd
+  c.optim.lr = 1e-4             # peak learning rate
+  c.optim.schedule = "cosine"   # cosine | constant (both after linear warmup)
+  c.optim.warmup_steps = 100
+  c.optim.end_lr_factor = 0.0   # cosine decays to lr * end_lr_factor
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 1.0  # 0 = no clipping
+  c.optim.grad_accum_steps = 1  # optimizer update every k steps (optax.MultiSteps)
+
+  c.ema_decay = 0.9999          # 0 = no EMA params
+  c.ema_start_step = 0          # EMA copies the params exactly until this step
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="shapes",            # shapes | folder | tfds
+      data_dir="",              # TFDS data dir; "" -> $SD_JAX_DATA_DIR or ~/.cache/sd_jax/tensorflow_datasets
+      resolution=32,
+      train_split="train",
+      eval_split="test",
+      shapes_config="r32",      # shapes builder config
+      tfds_name="",             # name="tfds": e.g. "cifar10"
+      image_key="image",
+      text_key="caption",       # "" if the dataset has no text
+      label_key="",             # integer class label feature, "" if none
+      caption_template="a photo of a {}",
+      folder="",                # name="folder": images + metadata.jsonl
+      skip_corrupt=True,        # folder: skip (and count) unreadable images instead of failing
+      crop="center",            # center | random
+      random_flip=False,
+      tokenizer="",             # directory with a CLIP tokenizer; "" = no tokens in the batch
+      max_text_len=77,
+      num_workers=0,            # grain worker processes
+      prefetch=2,
+  ))
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that need no devices. Raises ValueError naming the key and what to change."""
+  missing = [k for k in COMMON_KEYS if k not in config]
+  if missing:
+    raise ValueError(f"config is missing keys {missing}; start config files from sd_jax.config_lib.base_config().")
+  if config.batch_size <= 0:
+    raise ValueError(f"config.batch_size={config.batch_size}: must be a positive (global) batch size.")
+  if config.total_steps < 0:
+    raise ValueError(f"config.total_steps={config.total_steps}: must be >= 0.")
+  for key in ("log_every_steps", "save_every_steps"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]}: must be a positive number of steps.")
+  if config.keep < 1:
+    raise ValueError(f"config.keep={config.keep}: keep at least 1 checkpoint.")
+  if config.parallelism not in ("jit", "pmap"):
+    raise ValueError(f"config.parallelism={config.parallelism!r}: use 'jit' or 'pmap'.")
+  optim = config.optim
+  if not optim.lr > 0:
+    raise ValueError(f"config.optim.lr={optim.lr}: the learning rate must be positive.")
+  if optim.warmup_steps < 0:
+    raise ValueError(f"config.optim.warmup_steps={optim.warmup_steps}: must be >= 0.")
+  if optim.grad_accum_steps < 1:
+    raise ValueError(f"config.optim.grad_accum_steps={optim.grad_accum_steps}: must be >= 1.")
+  if optim.grad_clip_norm < 0:
+    raise ValueError(f"config.optim.grad_clip_norm={optim.grad_clip_norm}: must be >= 0 (0 disables).")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 disables EMA).")
+  for axis, size in config.mesh.items():
+    if axis not in ("data", "fsdp", "tensor"):
+      raise ValueError(f"config.mesh has unknown axis {axis!r}; mesh axes are data, fsdp, tensor.")
+    if size == 0 or size < -1:
+      raise ValueError(f"config.mesh.{axis}={size}: use a positive size or -1 (fill the remaining devices).")

@@ -1,0 +1,413 @@
+"""The shared training loop: mesh, sharded state, compile, loop, evaluation hooks, logging, checkpoints.
+
+Trainers (sd_jax/trainers/) only provide the model, the loss and their evaluation; everything else is here so that
+the VAE, CLIP, LDM and DDPM trainers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import linen as nn
+
+from sd_jax import checkpoint as ckpt_lib
+from sd_jax import config_lib
+from sd_jax import metrics as metrics_lib
+from sd_jax import parallel
+from sd_jax import trainers
+from sd_jax.data import pipeline
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss. The last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: number of train steps taken
+  params: Any
+  opt_state: Any
+  ema_params: Any        # None when config.ema_decay == 0
+  rng: jax.Array         # raw uint32[2] base key; per-step keys are fold_in(rng, step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then cosine decay or constant. Counted in optimizer updates."""
+  decay_steps = max(1, math.ceil(total_steps / optim.grad_accum_steps))
+  warmup = min(optim.warmup_steps, decay_steps)
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else optim.lr, peak_value=optim.lr, warmup_steps=warmup,
+        decay_steps=decay_steps, end_value=optim.lr * optim.end_lr_factor)
+  if optim.schedule == "constant":
+    if not warmup:
+      return optax.constant_schedule(optim.lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup])
+  raise ValueError(f"config.optim.schedule={optim.schedule!r}: use 'cosine' or 'constant'.")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  schedule = learning_rate_schedule(optim, total_steps)
+  if optim.name == "adamw":
+    core = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+  elif optim.name == "adam":
+    core = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  elif optim.name == "sgd":
+    core = optax.sgd(schedule, momentum=optim.b1)
+  else:
+    raise ValueError(f"config.optim.name={optim.name!r}: use adamw, adam or sgd.")
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), core) if optim.grad_clip_norm else core
+  if optim.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum_steps)
+  return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step: a pure function of (state, batch), jitted with shardings or pmapped.
+
+
+def _example_keys(state: TrainState, global_batch: int) -> jax.Array:
+  """One key per example of the global batch, so the randomness is independent of the device split."""
+  return jax.random.split(jax.random.fold_in(state.rng, state.step), global_batch)
+
+
+def _apply_update(state: TrainState, grads, loss, metrics, *, tx, schedule, config) -> tuple[TrainState, dict]:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    decay = jnp.where(state.step >= config.ema_start_step, config.ema_decay, 0.0)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+  metrics = dict(metrics)
+  metrics["loss"] = loss
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["learning_rate"] = schedule(state.step // config.optim.grad_accum_steps)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+  return new_state, metrics
+
+
+def train_step(state: TrainState, batch, *, task, tx, schedule, config, global_batch: int,
+               key_sharding=None):
+  keys = _example_keys(state, global_batch)
+  if key_sharding is not None:
+    keys = jax.lax.with_sharding_constraint(keys, key_sharding)
+  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, keys)
+  return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
+
+
+def train_step_pmap(state: TrainState, batch, *, task, tx, schedule, config, global_batch: int, axis: str):
+  """The same step, data-parallel under pmap: each device takes its slice of the global batch's keys."""
+  local = jax.tree.leaves(batch)[0].shape[0]
+  index = jax.lax.axis_index(axis)
+  keys = jax.lax.dynamic_slice_in_dim(_example_keys(state, global_batch), index * local, local)
+  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, keys)
+  grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis)
+  return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
+
+
+def eval_step(params, batch, *, task, global_batch: int, seed: int):
+  keys = jax.random.split(jax.random.PRNGKey(seed), global_batch)
+  return task.eval_metrics(params, batch, keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def check_config_against_devices(config, mesh, process_count: int) -> None:
+  """Checks that need the mesh; run before anything is compiled."""
+  dp = parallel.data_parallel_size(mesh, config.logical_axis_rules)
+  if config.parallelism == "pmap":
+    dp = len(mesh.devices.flat)
+  if config.batch_size % dp:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
+                     f"(mesh {dict(mesh.shape)}). Change config.batch_size to a multiple of {dp}.")
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {process_count} processes.")
+
+
+class Context:
+  """What a trainer's host-side evaluation hook may use."""
+
+  def __init__(self, config, workdir, mesh, writer, eval_iterator_fn):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh
+    self.writer = writer
+    self.eval_iterator_fn = eval_iterator_fn
+
+
+def _write_config(config, workdir: epath.Path) -> None:
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything about a run that does not touch data or checkpoints: model, optimizer, mesh, sharded state."""
+  config: ml_collections.ConfigDict
+  task: Any
+  tx: Any
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_shardings: TrainState
+  abstract_state: TrainState     # ShapeDtypeStructs carrying the shardings
+  boxed_params: Any              # params with their logical axis names
+  init_fn: Any                   # jitted rng -> sharded TrainState
+
+  @property
+  def batch_sharding(self):
+    return parallel.batch_sharding(self.mesh, self.rules)
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """Validates the config against the devices and builds the sharded-state machinery (nothing is compiled)."""
+  config_lib.validate(config)
+  trainer_module = trainers.get(config.trainer)
+  pipeline.validate_config(config.dataset)
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = parallel.create_mesh(config.mesh, devices)
+  check_config_against_devices(config, mesh, jax.process_count())
+  rules = parallel.rules_tuple(config.logical_axis_rules)
+  task = trainer_module.Task(config)
+  tx, schedule = make_optimizer(config.optim, config.total_steps)
+
+  # eval_shape with the params still logically boxed, so optimizer and EMA state inherit the axis names
+  # -> logical-to-mesh shardings -> jit(init, out_shardings).
+  def init_state(rng, unbox: bool = True) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = task.init_params(init_rng)
+    if unbox:
+      params = nn.meta.unbox(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay > 0 else None, rng=state_rng)
+
+  boxed_state = jax.eval_shape(functools.partial(init_state, unbox=False), jax.random.PRNGKey(config.seed))
+  state_shardings = parallel.logical_to_sharding(boxed_state, mesh, rules)
+  abstract_state = nn.meta.unbox(boxed_state)
+  if config.parallelism == "pmap":
+    # pmap keeps every array replicated on each device; the checkpoint format is the same as the jit path's.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+  return Setup(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
+               state_shardings=state_shardings, abstract_state=abstract_sharded, boxed_params=boxed_state.params,
+               init_fn=jax.jit(init_state, out_shardings=state_shardings))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, float]:
+  """Trains `config.trainer` in `workdir`, resuming from the workdir's checkpoints. Returns the last metrics.
+
+  `devices` restricts the mesh to a subset of devices (tests); by default all devices of all processes.
+  """
+  exp = setup(config, devices)
+  task, tx, schedule, mesh, rules, state_shardings = (
+      exp.task, exp.tx, exp.schedule, exp.mesh, exp.rules, exp.state_shardings)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_config(config, workdir)
+  logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.devices.size,
+               mesh.devices.flat[0].platform, jax.process_count())
+  global_batch = config.batch_size
+
+  # --- Data.
+  data_iter = pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
+                                       global_batch_size=global_batch, seed=config.seed, train=True)
+
+  # --- Resume order: own checkpoint, else init_from, else fresh init.
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=config.keep, async_save=config.async_checkpointing)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s step %d.", ckpt_lib.checkpoint_dir(str(workdir)), latest)
+    state = checkpointer.restore(latest, exp.abstract_state, data_iter)
+    start_step = int(state.step)
+    if start_step != latest:
+      raise RuntimeError(f"checkpoint {latest} holds state.step={start_step}; the checkpoint directory is corrupt.")
+  else:
+    state = exp.init_fn(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      state = _init_from(state, config, exp.boxed_params, state_shardings, tx)
+    start_step = 0
+  metrics_lib.truncate_after(workdir, start_step)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  ctx = Context(config, workdir, mesh, writer, lambda: pipeline.create_iterator(
+      config.dataset, split=config.dataset.eval_split, global_batch_size=global_batch, seed=config.seed,
+      train=False))
+
+  # --- Compile the step ahead of time.
+  batch_sharding = exp.batch_sharding
+  if config.parallelism == "pmap":
+    step_fn, put_batch, put_state, get_state = _pmap_step(config, task, tx, schedule, mesh, global_batch)
+    state = put_state(state)
+  else:
+    step_fn = jax.jit(
+        functools.partial(train_step, task=task, tx=tx, schedule=schedule, config=config, global_batch=global_batch,
+                          key_sharding=batch_sharding),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
+    put_batch = functools.partial(parallel.host_batch_to_global, sharding=batch_sharding)
+    get_state = lambda s: s  # noqa: E731
+
+  last_metrics: dict[str, float] = {}
+  if start_step >= config.total_steps:
+    logging.info("Nothing to do: step %d >= total_steps %d.", start_step, config.total_steps)
+    checkpointer.close()
+    writer.close()
+    return last_metrics
+
+  first_batch = put_batch(next(data_iter))
+  t0 = time.time()
+  if config.parallelism == "jit":
+    compiled = step_fn.lower(state, first_batch).compile()
+    _log_compiled(compiled)
+    step_fn = compiled
+  logging.info("Compiled the train step in %.1fs.", time.time() - t0)
+
+  progress = metrics_lib.Progress(start_step, config.total_steps)
+  pending = None  # (step, device metrics) of the previous step, fetched one step late
+  window: list[dict[str, float]] = []
+
+  def finish(step_done: int, device_metrics) -> dict[str, float]:
+    """Fetches a step's metrics; stops on a non-finite loss."""
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(values["loss"]):
+      raise NonFiniteLossError(
+          f"loss is {values['loss']} at step {step_done}. Training stopped; the last good checkpoint "
+          f"({checkpointer.latest_step()}) is kept. Lower config.optim.lr or check the data.")
+    window.append(values)
+    return values
+
+  batch = first_batch
+  step = start_step
+  try:
+    with ckpt_lib.PreemptionWatcher() as preemption:
+      while step < config.total_steps:
+        state, device_metrics = step_fn(state, batch)
+        if config.parallelism == "pmap":
+          device_metrics = jax.tree.map(lambda x: x[0], device_metrics)
+        if pending is not None:
+          finish(*pending)
+        step += 1
+        pending = (step, device_metrics)
+        is_last = step == config.total_steps
+        if step % config.log_every_steps == 0 or is_last:
+          last_metrics = finish(*pending)
+          pending = None
+          row = dict(last_metrics)
+          row["loss_mean"] = float(np.mean([w["loss"] for w in window]))
+          window.clear()
+          row.update(progress.update(step))
+          writer.write(step, row)
+          progress.console(step, row)
+        if config.eval_every_steps and step % config.eval_every_steps == 0 or is_last:
+          _evaluate(step, get_state(state), task, ctx, config, mesh, batch_sharding, writer)
+        save_now = step % config.save_every_steps == 0 or is_last
+        preempted = preemption.reached(step)
+        if save_now or preempted:
+          if pending is not None:
+            finish(*pending)
+            pending = None
+          checkpointer.save(step, get_state(state), data_iter)
+        if preempted:
+          logging.warning("Preempted: saved step %d; exiting.", step)
+          break
+        if step < config.total_steps:
+          batch = put_batch(next(data_iter))
+  finally:
+    checkpointer.close()
+    writer.close()
+  return last_metrics
+
+
+def _init_from(state: TrainState, config, boxed_params, state_shardings, tx) -> TrainState:
+  loaded, mask = ckpt_lib.load_params(config.init_from, nn.meta.unbox(boxed_params), state_shardings.params,
+                                      allow_partial=config.init_allow_partial)
+  params = jax.tree.map(lambda new, fresh, ok: new if ok else fresh, loaded, state.params, mask,
+                        is_leaf=lambda x: x is None)
+  logging.info("init_from %s: loaded %d of %d arrays.", config.init_from, sum(jax.tree.leaves(mask)),
+               len(jax.tree.leaves(mask)))
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+  return state.replace(params=params, opt_state=opt_state,
+                       ema_params=params if state.ema_params is not None else None)
+
+
+def _pmap_step(config, task, tx, schedule, mesh, global_batch):
+  devices = list(mesh.devices.flat)
+  local_devices = [d for d in devices if d.process_index == jax.process_index()]
+  axis = "batch"
+  fn = jax.pmap(functools.partial(train_step_pmap, task=task, tx=tx, schedule=schedule, config=config,
+                                  global_batch=global_batch, axis=axis),
+                axis_name=axis, devices=devices, donate_argnums=0)
+
+  def put_batch(local_batch):
+    n = len(local_devices)
+    return jax.tree.map(lambda x: jax.device_put_sharded(list(np.split(np.asarray(x), n)), local_devices),
+                        local_batch)
+
+  def put_state(state):
+    host = jax.device_get(state)
+    return jax.device_put_replicated(host, local_devices)
+
+  def get_state(state):
+    return jax.tree.map(lambda x: np.asarray(x[0]) if hasattr(x, "shape") else x, jax.device_get(state))
+
+  return fn, put_batch, put_state, get_state
+
+
+def _log_compiled(compiled) -> None:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get("flops", float("nan")) if cost else float("nan")
+    memory = compiled.memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", 0) if memory is not None else 0
+    logging.info("Train step: %.3g FLOPs (XLA cost analysis), %.1f MiB temporaries per device.", flops, temp / 2**20)
+  except Exception as e:  # cost/memory analysis is informational; some backends do not implement it.
+    logging.info("Compiled step analysis unavailable: %s", e)
+
+
+def _evaluate(step, state, task, ctx, config, mesh, batch_sharding, writer) -> None:
+  """Held-out metrics (averaged over the eval split) and the trainer's own evaluation hook."""
+  results: dict[str, float] = {}
+  if hasattr(task, "eval_metrics"):
+    params = state.ema_params if state.ema_params is not None else state.params
+    fn = jax.jit(functools.partial(eval_step, task=task, global_batch=config.batch_size, seed=config.seed))
+    sums: dict[str, float] = {}
+    count = 0
+    for local_batch in ctx.eval_iterator_fn():
+      n = jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count()
+      if n != config.batch_size:
+        break  # keep shapes static: the final partial batch is dropped
+      batch = parallel.host_batch_to_global(local_batch, batch_sharding)
+      values = jax.device_get(fn(params, batch))
+      for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      count += 1
+      if 0 < config.eval_batches <= count:
+        break
+    results.update({f"eval_{k}": v / count for k, v in sums.items()} if count else {})
+  if hasattr(task, "on_eval"):
+    results.update(task.on_eval(step, state, ctx) or {})
+  if results:
+    writer.write(step, results)
+    logging.info("eval step %d: %s", step, json.dumps({k: round(v, 5) for k, v in results.items()}))

@@ -1,0 +1,35 @@
+"""sd_jax: Stable Diffusion trained end to end in JAX/Flax (VAE, CLIP, latent-diffusion U-Net).
+
+Install with the tested versions:  pip install -c constraints.txt -e .        (add [test] for the test suite)
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sd_jax",
+    version="0.1.0",
+    description="Stable Diffusion trained end to end in JAX/Flax: VAE, CLIP, latent-diffusion U-Net.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sd_jax", "sd_jax.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "grain>=0.2.15",
+        "ml-collections>=1.1",
+        "absl-py",
+        "etils[epath]",
+        "numpy",
+        "pillow",
+        "tokenizers>=0.22",
+        "safetensors>=0.6",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+    },
+)
