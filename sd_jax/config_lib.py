@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64             # global batch over all hosts and devices
   c.total_steps = 10_000
   c.log_every_steps = 50        # metrics.jsonl / TensorBoard / console
-  c.eval_every_steps = 1_000    # held-out loss and trainer-specific evaluation; 0 = only at the end
+  c.eval_every_steps = 1_000    # held-out loss and trainer-specific evaluation; 0 = only at the end; -1 = never
   c.eval_batches = 8            # held-out batches averaged per evaluation (-1 = the whole split)
   c.sample_every_steps = 1_000  # sample grid with the EMA params; 0 = only at the end; -1 = never
   c.save_every_steps = 1_000
@@ -87,8 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Logical axis name -> mesh axes. Models name axes; this maps them onto the mesh. A dimension that a mesh
   # axis does not divide is replicated (see parallel.py).
+  # "batch" lists fsdp before data on purpose: with ("data", "fsdp") and all three mesh axes > 1, XLA (JAX 0.10,
+  # Shardy and GSPMD alike) miscompiles the gradient of convolutions whose kernels are sharded over fsdp and
+  # tensor; tests/test_parallel.py holds the minimal reproduction.
   c.logical_axis_rules = (
-      ("batch", ("data", "fsdp")),
+      ("batch", ("fsdp", "data")),
       ("embed", "fsdp"),
       ("conv_in", "fsdp"),
       ("mlp", "tensor"),

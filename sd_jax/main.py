@@ -11,6 +11,7 @@ Multi-host:
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import sys
 
@@ -44,9 +45,18 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     jax.distributed.initialize()
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's and grain's per-save INFO chatter off the console; their warnings still show."""
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.jax_distributed)
   import jax
   from sd_jax import train

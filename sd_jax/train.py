@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
           row.update(progress.update(step))
           writer.write(step, row)
           progress.console(step, row)
-        if config.eval_every_steps and step % config.eval_every_steps == 0 or is_last:
+        if due(step, config.eval_every_steps, is_last):
           _evaluate(step, get_state(state), task, ctx, config, mesh, batch_sharding, writer)
         save_now = step % config.save_every_steps == 0 or is_last
         preempted = preemption.reached(step)
@@ -347,8 +347,16 @@ def _init_from(state: TrainState, config, boxed_params, state_shardings, tx) -> 
   logging.info("init_from %s: loaded %d of %d arrays.", config.init_from, sum(jax.tree.leaves(mask)),
                len(jax.tree.leaves(mask)))
   opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-  return state.replace(params=params, opt_state=opt_state,
-                       ema_params=params if state.ema_params is not None else None)
+  # EMA starts from the loaded params, in buffers of its own (the step donates the state).
+  ema_params = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+  return state.replace(params=params, opt_state=opt_state, ema_params=ema_params)
+
+
+def due(step: int, every: int, is_last: bool) -> bool:
+  """Periodic work: every `every` steps and at the end; 0 = only at the end; -1 = never."""
+  if every < 0:
+    return False
+  return is_last or (every > 0 and step % every == 0)
 
 
 def _pmap_step(config, task, tx, schedule, mesh, global_batch):
@@ -359,14 +367,18 @@ def _pmap_step(config, task, tx, schedule, mesh, global_batch):
                                   global_batch=global_batch, axis=axis),
                 axis_name=axis, devices=devices, donate_argnums=0)
 
+  n = len(local_devices)
+  # pmap takes arrays whose leading axis is split over its devices.
+  stacked = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(local_devices), ("pmap",)),
+                                       jax.sharding.PartitionSpec("pmap"))
+
   def put_batch(local_batch):
-    n = len(local_devices)
-    return jax.tree.map(lambda x: jax.device_put_sharded(list(np.split(np.asarray(x), n)), local_devices),
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x).reshape(n, -1, *np.shape(x)[1:]), stacked),
                         local_batch)
 
   def put_state(state):
     host = jax.device_get(state)
-    return jax.device_put_replicated(host, local_devices)
+    return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), stacked), host)
 
   def get_state(state):
     return jax.tree.map(lambda x: np.asarray(x[0]) if hasattr(x, "shape") else x, jax.device_get(state))

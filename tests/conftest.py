@@ -1,10 +1,15 @@
 """Test setup: 8 fake CPU devices (sharding tests), float32, no network, datasets built into a per-session dir."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # nothing downloads at run time
+# Many tests compile the same tiny train step (in this process and in the subprocesses they start): share the
+# compiled programs through JAX's persistent cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "sd_jax_test_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

@@ -16,6 +16,7 @@ from sd_jax.diffusion import losses
 from sd_jax.diffusion import schedules
 from sd_jax.models import unet as unet_lib
 from sd_jax import images as images_lib
+from sd_jax import train as train_lib
 
 
 def make_schedule(diffusion_config) -> schedules.NoiseSchedule:
@@ -30,7 +31,7 @@ class Task:
 
   def __init__(self, config):
     self.config = config
-    self.model = unet_lib.UNet2DConditionModel(**config.model.to_dict())
+    self.model = unet_lib.create_unet(config.model)
     self.schedule = make_schedule(config.diffusion)
     self.resolution = config.dataset.resolution
     self.class_conditional = bool(config.model.get("num_class_embeds"))
@@ -76,9 +77,7 @@ class Task:
 
   def on_eval(self, step, state, ctx):
     """Writes a sample grid with the EMA params to WORKDIR/samples/ and TensorBoard."""
-    every = self.config.sample_every_steps
-    is_last = step == self.config.total_steps
-    if every < 0 or not (is_last or (every and step % every == 0)):
+    if not train_lib.due(step, self.config.sample_every_steps, step == self.config.total_steps):
       return {}
     params = state.ema_params if state.ema_params is not None else state.params
     n = self.config.sample.num_images

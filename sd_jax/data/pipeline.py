@@ -1,0 +1,747 @@
+"""Input pipeline: grain iterators of per-host, device-ready batches.
+
+  it = pipeline.create_iterator(config.dataset, split="train",
+                                global_batch_size=256, seed=config.seed)
+  batch = next(it)   # {"image": float32 [B, H, W, 3] in [-1, 1],
+                     #  "label": int32 [B]          (if dataset.label_key),
+                     #  "tokens": int32 [B, L]      (if dataset.tokenizer)}
+  state = it.get_state()          # JSON-serializable; it.set_state(state) resumes
+
+B = global_batch_size // process_count. Only numeric arrays are in a batch, so it
+can go straight to devices; captions (for logging or prompts) come from
+`dataset_info(config.dataset, split).captions(i)`.
+
+## `config.dataset` keys (an ml_collections ConfigDict; `default_config()`)
+
+  name = "shapes"           "shapes" (sd_jax.data.shapes, built on first use),
+                            "folder" (images + metadata.jsonl, see folder.py) or
+                            "tfds" (any TFDS builder, see tfds_name).
+  data_dir = ""             TFDS data dir; "" -> $SD_JAX_DATA_DIR, else
+                            ~/.cache/sd_jax/tensorflow_datasets.
+  resolution = 32           output images are resolution x resolution.
+  train_split = "train"     split names, used by callers as `split=`; TFDS slice
+  eval_split = "test"       syntax ("train[:90%]") works for shapes / tfds.
+  shapes_config = "r32"     shapes builder config: a name ("r32", "r64"), a
+                            derived name "r32-train64-test16-comp8-seed3" (any
+                            subset of the suffixes; tiny test builds from the
+                            command line), a `shapes.ShapesConfig`, or a dict of
+                            `shapes.make_config` arguments.
+  tfds_name = ""            name="tfds": e.g. "cifar10", "coco_captions",
+                            optionally "name/config:version".
+  image_key = "image"       feature path of the image ("a.b" for nested).
+  text_key = "caption"      feature path of the caption ("captions.text" for
+                            coco_captions: a list -> the first caption for eval,
+                            a seeded random one for training); "" for none.
+  label_key = ""            feature path of an integer class label ("label" for
+                            cifar10); "" for none. Adds "label" to batches.
+  caption_template = "a photo of a {}"
+                            if text_key is "" and label_key is set, captions are
+                            this template filled with the label's class name
+                            (ClassLabel names from the builder; "_" -> " ").
+  folder = ""               name="folder": the image folder.
+  skip_corrupt = True       folder: skip unreadable images (counted and logged);
+                            False -> error naming the file.
+  crop = "center"           "center" | "random" (after resizing the short side
+                            to resolution; random only when train=True).
+  random_flip = False       horizontal flip with probability 1/2 (train only).
+  tokenizer = ""            "" -> no tokens; else a CLIP tokenizer directory
+                            (vocab.json + merges.txt, see tokenizer.py).
+  max_text_len = 77         token sequence length.
+  num_workers = 0           grain worker processes (0 = in the main process).
+  prefetch = 2              batches assembled ahead by threads; 0 = synchronous.
+
+## Order, sharding and determinism
+
+Training: the example stream is a seeded global shuffle of the split, repeated
+forever with a different (still seeded) shuffle each epoch; augmentation draws
+from a generator seeded by (seed, position in that stream). So the stream does
+not depend on the number of hosts or workers.
+
+Global batch s is stream positions [s*G, (s+1)*G) (G = global batch size).
+Host p of P gets the p-th contiguous block of B = G/P rows of it, so
+concatenating hosts 0..P-1 (host 0's rows first) gives exactly the 1-process
+batch s — what `jax.make_array_from_process_local_data` assembles along a
+data-sharded batch axis whose devices are ordered by process index.
+Evaluation (train=False) reads the split once in order, without augmentation,
+with the same block layout; the last partial global batch is kept unless
+drop_remainder=True, or padded to full size with pad_remainder=True (adds
+"mask": bool [B], False on padding rows; use this for multi-host evaluation,
+where every host must run the same number of steps).
+
+Exact resume: the iterator state is the number of examples of the global stream
+consumed, {"examples_seen": n, "global_batch_size": G} — the same on every host
+and independent of num_workers / prefetch / process count.
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (orbax) write
+it as one JSON file per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import read_only_builder
+
+from sd_jax.data import folder as folder_lib
+from sd_jax.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+DATASET_NAMES = ("shapes", "folder", "tfds")
+CROP_MODES = ("center", "random")
+
+_DEFAULTS = dict(
+    name="shapes",
+    data_dir="",
+    resolution=32,
+    train_split="train",
+    eval_split="test",
+    shapes_config="r32",
+    tfds_name="",
+    image_key="image",
+    text_key="caption",
+    label_key="",
+    caption_template="a photo of a {}",
+    folder="",
+    skip_corrupt=True,
+    crop="center",
+    random_flip=False,
+    tokenizer="",
+    max_text_len=77,
+    num_workers=0,
+    prefetch=2,
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.dataset` with every key at its default (see the module docstring)."""
+  return ml_collections.ConfigDict(dict(_DEFAULTS))
+
+
+def default_data_dir() -> str:
+  """$SD_JAX_DATA_DIR, else ~/.cache/sd_jax/tensorflow_datasets (expanded)."""
+  return os.path.expanduser(
+      os.environ.get("SD_JAX_DATA_DIR", "~/.cache/sd_jax/tensorflow_datasets"))
+
+
+def _resolve_config(dataset_config) -> ml_collections.ConfigDict:
+  """Dataset config with defaults filled in and values checked."""
+  given = (dataset_config.to_dict() if hasattr(dataset_config, "to_dict")
+           else dict(dataset_config))
+  unknown = sorted(set(given) - set(_DEFAULTS))
+  if unknown:
+    log.warning("config.dataset has keys the input pipeline does not use: %s "
+                "(known keys: %s)", unknown, sorted(_DEFAULTS))
+  cfg = {**_DEFAULTS, **given}
+  if cfg["name"] not in DATASET_NAMES:
+    raise ValueError(f"unknown dataset.name {cfg['name']!r}; valid names: "
+                     f"{list(DATASET_NAMES)}")
+  if cfg["crop"] not in CROP_MODES:
+    raise ValueError(f"unknown dataset.crop {cfg['crop']!r}; valid values: "
+                     f"{list(CROP_MODES)}")
+  if int(cfg["resolution"]) <= 0:
+    raise ValueError(f"dataset.resolution must be positive, got "
+                     f"{cfg['resolution']}")
+  if cfg["name"] == "tfds" and not cfg["tfds_name"]:
+    raise ValueError('dataset.name="tfds" needs dataset.tfds_name (e.g. '
+                     '"cifar10" or "coco_captions")')
+  if cfg["name"] == "folder" and not cfg["folder"]:
+    raise ValueError('dataset.name="folder" needs dataset.folder (a directory '
+                     "with images and metadata.jsonl)")
+  if cfg["tokenizer"] and not (cfg["text_key"] or cfg["label_key"]):
+    raise ValueError("dataset.tokenizer is set but there is no caption source: "
+                     "set dataset.text_key, or dataset.label_key with "
+                     "dataset.caption_template")
+  return ml_collections.ConfigDict(cfg)
+
+
+def validate_config(dataset_config) -> None:
+  """Checks `config.dataset` values without opening any data (runs before anything compiles)."""
+  _resolve_config(dataset_config)
+
+
+# ----------------------------------------------------------------------------
+# Sources: random-access examples plus what is known about their features.
+
+
+@dataclasses.dataclass
+class _Source:
+  data: Sequence[Any]  # len() and [i] -> raw example (nested dict)
+  description: str  # names the dataset in error messages
+  feature_keys: list[str]  # dotted feature paths
+  label_names: list[str] | None  # class names of label_key, if a ClassLabel
+  fast_caption: Callable[[int], str] | None = None  # caption without decoding
+
+
+def _feature_paths(features, prefix: str = "") -> list[str]:
+  """Dotted paths of a TFDS FeaturesDict (Sequence(dict) paths pass through)."""
+  paths = []
+  if isinstance(features, tfds.features.FeaturesDict):
+    for key, feature in features.items():
+      path = f"{prefix}{key}"
+      paths.append(path)
+      paths += _feature_paths(feature, path + ".")
+  elif isinstance(features, tfds.features.Sequence):
+    paths += _feature_paths(features.feature, prefix)
+  return paths
+
+
+def _feature_at(features, path: str):
+  """The TFDS feature object at dotted `path`."""
+  feature = features
+  for part in path.split("."):
+    while isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    feature = feature[part]
+  return feature
+
+
+def _split_base_names(split: str) -> list[str]:
+  """"train[:10%]+test" -> ["train", "test"] (TFDS split syntax)."""
+  return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _builder_source(builder, split: str, cfg, description: str) -> _Source:
+  """Random-access source for `split` of a prepared TFDS builder."""
+  available = list(builder.info.splits.keys())
+  # Mocked builders (tfds.testing.mock_data USE_CODE) know no splits.
+  if available:
+    for base in _split_base_names(split):
+      if base not in available:
+        raise ValueError(f"unknown split {split!r} for {description}; available "
+                         f"splits: {sorted(available)}")
+  try:
+    data = builder.as_data_source(split)
+  except NotImplementedError as e:
+    raise ValueError(
+        f"{description} at {builder.data_dir} is not stored in a random-access "
+        "format; prepare it with file_format='array_record' (or convert it: "
+        "`tfds convert_format --dataset_dir=... --out_file_format="
+        f"array_record`): {e}") from e
+  features = builder.info.features
+  label_names = None
+  if cfg.label_key:
+    paths = _feature_paths(features)
+    if cfg.label_key in paths:
+      label = _feature_at(features, cfg.label_key)
+      if isinstance(label, tfds.features.ClassLabel):
+        label_names = list(label.names)
+  return _Source(data=data, description=description,
+                 feature_keys=_feature_paths(features), label_names=label_names)
+
+
+def _needs_download(builder) -> bool:
+  """Whether preparing `builder` would download (TFDS catalog / manual data)."""
+  return (type(builder).__module__.startswith("tensorflow_datasets.")
+          or bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)))
+
+
+def _prepare(builder, description: str) -> None:
+  """Generates a builder that needs no download; refuses to download."""
+  if builder.is_prepared():
+    return
+  how = (f"prepare it beforehand on a machine with network access, e.g. "
+         f"`tfds build {builder.name} --data_dir={builder.data_dir_root} "
+         "--file_format=array_record`, and point dataset.data_dir there")
+  if _needs_download(builder):
+    raise FileNotFoundError(
+        f"{description} is not prepared in {builder.data_dir} and would need a "
+        f"download; nothing is downloaded at run time: {how}")
+  log.info("preparing %s in %s", description, builder.data_dir)
+  try:
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except Exception as e:  # pylint: disable=broad-except
+    if builder.is_prepared():  # another process finished it concurrently
+      return
+    raise RuntimeError(f"could not prepare {description} in {builder.data_dir} "
+                       f"({type(e).__name__}: {e}); if it needs downloading, "
+                       f"{how}") from e
+
+
+def _tfds_builder(name: str, data_dir: str):
+  """`tfds.builder`, falling back to the prepared files when the builder's code
+  cannot run without TensorFlow (e.g. coco_captions)."""
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except ImportError as code_error:
+    try:
+      return read_only_builder.builder_from_files(name, data_dir=data_dir)
+    except Exception as files_error:  # pylint: disable=broad-except
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r}: its builder code needs a missing module "
+          f"({code_error}), and no prepared copy was found in {data_dir} "
+          f"({files_error}). Prepare it into dataset.data_dir on a machine with "
+          "TensorFlow, with file_format=array_record.") from code_error
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown TFDS dataset {name!r} (dataset.tfds_name): "
+                     f"{e}") from e
+
+
+_SHAPES_NAME_FIELDS = {"train": "num_train", "test": "num_test",
+                       "comp": "num_compositional", "seed": "seed"}
+
+
+def _parse_shapes_name(name: str) -> dict[str, int] | None:
+  """"r32-train64-test16" -> make_config kwargs (shapes.make_config's naming)."""
+  parts = name.split("-")
+  if not re.fullmatch(r"r\d+", parts[0]):
+    return None
+  kwargs = {"resolution": int(parts[0][1:])}
+  for part in parts[1:]:
+    m = re.fullmatch(r"(train|test|comp|seed)(\d+)", part)
+    if not m:
+      return None
+    kwargs[_SHAPES_NAME_FIELDS[m.group(1)]] = int(m.group(2))
+  return kwargs
+
+
+def _shapes_builder(shapes_config, data_dir: str):
+  """The `shapes` builder for dataset.shapes_config.
+
+  Accepts a stock config name ("r32", "r64"), a derived name in
+  `shapes.make_config`'s scheme ("r32-train64-test16-comp8-seed3": any subset
+  of the suffixes, so it can be set from the command line), a
+  `shapes.ShapesConfig`, or a dict of `shapes.make_config` arguments.
+  """
+  # Imported here: it registers the builder, and only name="shapes" needs it.
+  from sd_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  config = shapes_config
+  stock = shapes.Shapes.builder_configs
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if isinstance(config, str) and config not in stock:
+    kwargs = _parse_shapes_name(config)
+    if kwargs is None:
+      raise ValueError(
+          f"unknown dataset.shapes_config {config!r}; use a named config "
+          f"{sorted(stock)}, a derived name like 'r32-train64-test16-comp8-seed3'"
+          ", a shapes.ShapesConfig, or a dict of shapes.make_config arguments")
+    config = kwargs
+  if isinstance(config, dict):
+    config = shapes.make_config(**config)
+  if not isinstance(config, str) and config.name in stock:
+    config = config.name  # TFDS refuses a custom config named like a stock one
+  return shapes.Shapes(config=config, data_dir=data_dir)
+
+
+def _open_source(cfg, split: str) -> _Source:
+  """The configured dataset's `split` as a `_Source`."""
+  data_dir = cfg.data_dir or default_data_dir()
+  if cfg.name == "folder":
+    src = folder_lib.ImageFolderSource(cfg.folder, split,
+                                       skip_corrupt=cfg.skip_corrupt)
+    return _Source(data=src, description=f"image folder {cfg.folder!r}",
+                   feature_keys=["image", "caption"], label_names=None,
+                   fast_caption=src.caption)
+  if cfg.name == "shapes":
+    builder = _shapes_builder(cfg.shapes_config, data_dir)
+    description = f"shapes/{builder.builder_config.name}"
+  else:
+    builder = _tfds_builder(cfg.tfds_name, data_dir)
+    description = f"TFDS dataset {cfg.tfds_name!r}"
+  _prepare(builder, description)
+  return _builder_source(builder, split, cfg, description)
+
+
+# ----------------------------------------------------------------------------
+# Per-example processing.
+
+
+def _lookup(example, path: str):
+  for part in path.split("."):
+    example = example[part]
+  return example
+
+
+def _to_str(value) -> str:
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8")
+  return str(value)
+
+
+def _pick_caption(value, rng: np.random.Generator | None) -> str:
+  """A caption from a str/bytes value or a list of them (first, or rng's pick)."""
+  if isinstance(value, (str, bytes, np.str_, np.bytes_)):
+    return _to_str(value)
+  items = list(np.asarray(value, dtype=object).reshape(-1))
+  if not items:
+    return ""
+  return _to_str(items[0 if rng is None else int(rng.integers(len(items)))])
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] from grayscale [H, W] / [H, W, 1], RGB or RGBA."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"expected an image [H, W, 1|3|4], got shape {image.shape}")
+  if image.shape[-1] == 1:
+    return np.repeat(image, 3, axis=-1)
+  if image.shape[-1] == 4:
+    return folder_lib.pil_to_rgb(Image.fromarray(image, "RGBA"))
+  return image
+
+
+def resize_and_crop(image: np.ndarray, resolution: int, *, random_crop: bool = False,
+                    flip: bool = False,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [resolution, resolution, 3].
+
+  The short side is resized to `resolution` (PIL bicubic, antialiased when
+  downscaling), then a square is cropped: centred, or at a uniformly random
+  offset from `rng` when `random_crop`; `flip` mirrors it horizontally.
+  """
+  h, w = image.shape[:2]
+  if min(h, w) != resolution:
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = np.asarray(Image.fromarray(image).resize(
+        size, Image.Resampling.BICUBIC))
+    h, w = image.shape[:2]
+  if random_crop:
+    top = int(rng.integers(h - resolution + 1))
+    left = int(rng.integers(w - resolution + 1))
+  else:
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+  image = image[top:top + resolution, left:left + resolution]
+  if flip:
+    image = image[:, ::-1]
+  return image
+
+
+class _Preprocess:
+  """Raw example -> {"image", ["label"], ["tokens"]} (picklable for workers)."""
+
+  def __init__(self, cfg, label_names: list[str] | None, train: bool,
+               tokenizer: tokenizer_lib.ClipTokenizer | None):
+    self.resolution = int(cfg.resolution)
+    self.image_key = cfg.image_key
+    self.text_key = cfg.text_key
+    self.label_key = cfg.label_key
+    self.template = cfg.caption_template
+    self.label_names = label_names
+    self.random_crop = train and cfg.crop == "random"
+    self.random_flip = train and bool(cfg.random_flip)
+    self.tokenizer = tokenizer
+
+  def caption(self, example, rng: np.random.Generator | None = None) -> str:
+    """The example's caption (eval: deterministic; train: may use rng)."""
+    if self.text_key:
+      return _pick_caption(_lookup(example, self.text_key), rng)
+    if self.label_key:
+      label = int(_lookup(example, self.label_key))
+      name = self.label_names[label] if self.label_names else str(label)
+      return self.template.format(name.replace("_", " "))
+    return ""
+
+  def __call__(self, example, rng: np.random.Generator | None = None) -> dict:
+    image = _to_rgb(_lookup(example, self.image_key))
+    flip = self.random_flip and bool(rng.random() < 0.5)
+    image = resize_and_crop(image, self.resolution, random_crop=self.random_crop,
+                            flip=flip, rng=rng)
+    out = {"image": image.astype(np.float32) / 127.5 - 1.0}
+    if self.label_key:
+      out["label"] = np.int32(_lookup(example, self.label_key))
+    if self.tokenizer is not None:
+      out["tokens"] = self.tokenizer([self.caption(example, rng)])[0]
+    return out
+
+
+def _check_keys(cfg, source: _Source) -> None:
+  for option in ("image_key", "text_key", "label_key"):
+    key = cfg[option]
+    if key and key not in source.feature_keys:
+      raise ValueError(
+          f"dataset.{option}={key!r} is not a feature of {source.description}; "
+          f"available feature keys: {source.feature_keys}")
+
+
+# ----------------------------------------------------------------------------
+# Host sharding.
+
+
+class _HostBlocks(grain.MapDataset):
+  """This host's rows of every global batch (see "Order, sharding" above).
+
+  Local index i -> global index (i // B) * G + p * B + i % B, with B rows per
+  host and G = P * B. For finite parents the tail is truncated (or padded with a
+  copy of element 0 marked "mask": False when `pad`).
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, process_index: int,
+               process_count: int, local_batch: int, pad: bool):
+    super().__init__(parent)
+    self._p, self._b = process_index, local_batch
+    self._g = local_batch * process_count
+    self._n = len(parent)
+    self._pad = pad
+    if self._n >= sys.maxsize:  # repeated forever
+      self._len = sys.maxsize
+    elif pad:
+      self._len = -(-self._n // self._g) * self._b
+    else:
+      full, rem = divmod(self._n, self._g)
+      self._len = full * self._b + min(max(rem - self._p * self._b, 0), self._b)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def global_index(self, index: int) -> int:
+    """Position in the global stream of this host's element `index`."""
+    return (index // self._b) * self._g + self._p * self._b + index % self._b
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g = self.global_index(index)
+    if not self._pad:
+      return self._parent[g]
+    if g < self._n:
+      return {**self._parent[g], "mask": np.bool_(True)}
+    return {**self._parent[0], "mask": np.bool_(False)}
+
+  def __str__(self) -> str:
+    return f"_HostBlocks(process={self._p}, rows={self._b}, global={self._g})"
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
+def _process_index_count(process_index, process_count) -> tuple[int, int]:
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def create_dataset(dataset_config, *, split: str, global_batch_size: int,
+                   seed: int, train: bool = True, process_index: int | None = None,
+                   process_count: int | None = None,
+                   drop_remainder: bool | None = None,
+                   pad_remainder: bool = False) -> grain.MapDataset:
+  """This host's batches as a `grain.MapDataset` (random access by batch index).
+
+  Same arguments as `create_iterator`; batch s is `dataset[s]`.
+  """
+  cfg = _resolve_config(dataset_config)
+  process_index, process_count = _process_index_count(process_index,
+                                                       process_count)
+  if global_batch_size <= 0:
+    raise ValueError(f"global batch size must be positive, got "
+                     f"{global_batch_size}")
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the process "
+        f"count {process_count}; use a batch size that is a multiple of "
+        f"{process_count}")
+  if train and pad_remainder:
+    raise ValueError("pad_remainder is for evaluation (train=False); training "
+                     "batches are always full")
+  if drop_remainder is None:
+    drop_remainder = train
+  local_batch = global_batch_size // process_count
+
+  source = _open_source(cfg, split)
+  _check_keys(cfg, source)
+  if len(source.data) == 0:
+    raise ValueError(f"split {split!r} of {source.description} is empty")
+  tokenizer = (tokenizer_lib.load_clip_tokenizer(cfg.tokenizer,
+                                                 max_length=cfg.max_text_len)
+               if cfg.tokenizer else None)
+  if cfg.label_key and not cfg.text_key and source.label_names is None:
+    log.warning("%s: %r is not a ClassLabel; captions will use the label "
+                "number", source.description, cfg.label_key)
+  preprocess = _Preprocess(cfg, source.label_names, train, tokenizer)
+
+  ds = grain.MapDataset.source(source.data)
+  if train:
+    shuffle_seed, augment_seed = (
+        int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    # Shuffle before repeat: every epoch is a full permutation, reshuffled per
+    # epoch (grain folds the epoch into the seed).
+    ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+    ds = ds.random_map(preprocess, seed=augment_seed)
+  else:
+    ds = ds.map(preprocess)
+  ds = _HostBlocks(ds, process_index=process_index, process_count=process_count,
+                   local_batch=local_batch, pad=pad_remainder)
+  return ds.batch(local_batch, drop_remainder=drop_remainder)
+
+
+def create_iterator(dataset_config, *, split: str, global_batch_size: int,
+                    seed: int, train: bool = True,
+                    process_index: int | None = None,
+                    process_count: int | None = None,
+                    drop_remainder: bool | None = None,
+                    pad_remainder: bool = False) -> BatchIterator:
+  """Iterator over this host's batches of `split` (see the module docstring).
+
+  Args:
+    dataset_config: `config.dataset` (keys in the module docstring; missing
+      keys take their defaults).
+    split: split name, e.g. `dataset_config.train_split`.
+    global_batch_size: examples per step over all hosts.
+    seed: shuffling and augmentation seed (train only).
+    train: True: shuffled, repeated forever, augmented, full batches.
+      False: one pass in order, no augmentation.
+    process_index, process_count: this host and the host count; default
+      `jax.process_index()` / `jax.process_count()`.
+    drop_remainder: drop a final partial batch; default True for training,
+      False for evaluation.
+    pad_remainder: evaluation only: pad the last global batch to full size and
+      add "mask": bool [B] (False on padding rows), so every host yields the same
+      number of equal-sized batches.
+
+  Returns:
+    A `BatchIterator` (a `grain.DatasetIterator`) of dicts of numpy arrays
+    ("image" float32 [B, res, res, 3] in [-1, 1]; "label" int32 [B]; "tokens"
+    int32 [B, L]; "mask" bool [B]), with JSON-serializable `get_state()` /
+    `set_state()` (works with grain.checkpoint.CheckpointSave/Restore). Call
+    `close()` when done if num_workers > 0.
+
+  Raises:
+    ValueError / FileNotFoundError: bad config, split, feature key or data.
+  """
+  cfg = _resolve_config(dataset_config)
+  ds = create_dataset(cfg, split=split, global_batch_size=global_batch_size,
+                      seed=seed, train=train, process_index=process_index,
+                      process_count=process_count,
+                      drop_remainder=drop_remainder, pad_remainder=pad_remainder)
+  return BatchIterator(ds, global_batch_size=global_batch_size,
+                       prefetch=int(cfg.prefetch),
+                       num_workers=int(cfg.num_workers))
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Iterates a `grain.MapDataset` of batches; the state is a stream position.
+
+  `get_state()` is {"examples_seen": n, "global_batch_size": G}: n examples of
+  the global stream have been consumed (over all hosts), identical on every
+  host. Restoring recreates the grain iterator at batch n // G, so a state
+  stays valid when num_workers, prefetch, the process count or — if n is a
+  multiple of the new value — the global batch size change between runs.
+  (grain's own iterator states depend on num_workers.)
+  """
+
+  def __init__(self, batches: grain.MapDataset, *, global_batch_size: int,
+               prefetch: int = 2, num_workers: int = 0):
+    super().__init__()
+    self._batches = batches
+    self._global_batch_size = int(global_batch_size)
+    self._prefetch = int(prefetch)
+    self._num_workers = int(num_workers)
+    self._next_batch = 0
+    self._inner: grain.DatasetIterator | None = None
+
+  def _start(self) -> grain.DatasetIterator:
+    ds = self._batches[self._next_batch:] if self._next_batch else self._batches
+    # Threads assemble whole batches; `prefetch` of them are in flight.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=self._prefetch, prefetch_buffer_size=self._prefetch))
+    if self._num_workers > 0:
+      if not flags.FLAGS.is_parsed():
+        # grain's worker start-up reads an absl flag; outside an absl app
+        # (tests, notebooks) nothing has parsed flags: use their defaults.
+        flags.FLAGS.mark_as_parsed()
+      # Workers take whole batches round-robin: batches do not depend on
+      # num_workers.
+      iter_ds = iter_ds.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._num_workers))
+    return iter(iter_ds)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._assert_not_closed()
+    if self._inner is None:
+      self._inner = self._start()
+    batch = next(self._inner)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-serializable position (same on every host)."""
+    return {"examples_seen": self._next_batch * self._global_batch_size,
+            "global_batch_size": self._global_batch_size}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues after `state["examples_seen"]` examples of the global stream."""
+    seen = int(state["examples_seen"])
+    if seen % self._global_batch_size:
+      raise ValueError(
+          f"cannot resume the input pipeline: the checkpoint consumed {seen} "
+          f"examples (global batch size {state.get('global_batch_size')}), not a "
+          f"multiple of the current global batch size {self._global_batch_size}")
+    self._stop()
+    self._next_batch = seen // self._global_batch_size
+
+  def start_prefetch(self) -> None:
+    if self._inner is None:
+      self._inner = self._start()
+    self._inner.start_prefetch()
+
+  def _stop(self) -> None:
+    inner, self._inner = getattr(self, "_inner", None), None
+    if inner is not None:
+      inner.close()
+
+  def close(self) -> None:
+    """Stops prefetch threads and worker processes."""
+    self._stop()
+    super().close()
+
+  def __str__(self) -> str:
+    return (f"BatchIterator(next_batch={self._next_batch}, "
+            f"global_batch_size={self._global_batch_size})")
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  """What callers need to know about a split without iterating it.
+
+  Attributes:
+    num_examples: examples in the split (after skipping corrupt images).
+    captions: index -> caption text (as the pipeline sees it in evaluation: the
+      first caption of a list, or the class-name template).
+    label_names: class names of `dataset.label_key` (None if no label key or not
+      a ClassLabel).
+    feature_keys: dotted feature paths of the source.
+  """
+  num_examples: int
+  captions: Callable[[int], str]
+  label_names: list[str] | None
+  feature_keys: list[str]
+
+
+def dataset_info(dataset_config, split: str) -> DatasetInfo:
+  """Size, captions and class names of `split` of the configured dataset."""
+  cfg = _resolve_config(dataset_config)
+  source = _open_source(cfg, split)
+  _check_keys(cfg, source)
+  preprocess = _Preprocess(cfg, source.label_names, train=False, tokenizer=None)
+  if source.fast_caption is not None and cfg.text_key == "caption":
+    captions = source.fast_caption
+  else:
+    data = source.data
+    captions = lambda i: preprocess.caption(data[i])
+  return DatasetInfo(num_examples=len(source.data), captions=captions,
+                     label_names=source.label_names,
+                     feature_keys=list(source.feature_keys))

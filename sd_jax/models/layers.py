@@ -1,0 +1,630 @@
+"""Shared Flax Linen layers for the U-Net, VAE and text towers.
+
+Numerics and parameter names follow diffusers (PyTorch) so that its checkpoints map onto these modules by a key
+rename plus a layout transpose:
+
+* indexed PyTorch submodules (`to_out.0`, `net.2`, `resnets.1`) are Flax names with an `_N` suffix
+  (`to_out_0`, `net_2`, `resnets_1`);
+* Dense kernels are [in, out] (PyTorch Linear weight transposed); Conv kernels are HWIO (PyTorch OIHW transposed
+  (2, 3, 1, 0)); norm `weight` is Flax `scale`.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) from this vocabulary, which the
+trainer's `logical_axis_rules` map to mesh axes:
+  conv kernels ("conv_h", "conv_w", "conv_in", "conv_out"), conv biases ("conv_out",);
+  dense kernels ("embed", "heads") / ("heads", "embed") in attention, ("embed", "mlp") / ("mlp", "embed")
+  elsewhere, biases take the output axis; norm scale/bias ("norm",); embedding tables ("vocab", "embed").
+Large activations get `nn.with_logical_constraint` with ("batch", "height", "width", "channels") or
+("batch", "length", "embed"); both are no-ops when no axis rules are active.
+
+Layout is NHWC throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+IMAGE_AXES = ("batch", "height", "width", "channels")  # [B, H, W, C] activations
+TOKEN_AXES = ("batch", "length", "embed")  # [B, L, D] activations
+
+# Names accepted by `remat_policy` switches. "none" disables rematerialisation; "full" recomputes everything
+# in the backward pass (jax.checkpoint without a policy); the rest are `jax.checkpoint_policies` entries.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Values accepted by the attention-implementation switch (passed to jax.nn.dot_product_attention).
+# None lets JAX choose; "cudnn" needs a GPU and fp16/bf16 inputs.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Functions
+
+
+def timestep_embedding(
+    timesteps: Array,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    *,
+    scale: float = 1.0,
+    max_period: int = 10000,
+) -> Array:
+  """Sinusoidal timestep embedding, identical to diffusers' `get_timestep_embedding`.
+
+  Args:
+    timesteps: [B] (or scalar) timesteps; may be fractional.
+    dim: embedding width.
+    flip_sin_to_cos: put the cosines first (SD / DDPM-in-diffusers: True).
+    downscale_freq_shift: the frequencies are exp(-log(max_period) * i / (dim // 2 - shift)); SD uses 0.
+    scale: multiplier on the arguments.
+    max_period: controls the lowest frequency.
+
+  Returns:
+    float32 [B, dim] embedding.
+  """
+  timesteps = jnp.atleast_1d(jnp.asarray(timesteps)).astype(jnp.float32)
+  if timesteps.ndim != 1:
+    raise ValueError(f"timesteps must be a scalar or 1-D, got shape {timesteps.shape}")
+  half_dim = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half_dim, dtype=jnp.float32) / (half_dim - downscale_freq_shift)
+  args = scale * timesteps[:, None] * jnp.exp(exponent)[None, :]  # [B, half_dim]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half_dim:], emb[:, :half_dim]], axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    scale: float | None = None,
+    upcast: bool = False,
+    implementation: str | None = "xla",
+) -> Array:
+  """Multi-head attention over [B, L, H, D] inputs via `jax.nn.dot_product_attention`.
+
+  Args:
+    query: [B, T, H, D].
+    key, value: [B, S, H, D].
+    mask: optional boolean mask broadcastable to [B, H, T, S]; True = attend.
+    scale: logit scale; default 1/sqrt(D).
+    upcast: compute in float32 (diffusers' `upcast_attention`, needed by SD 2.1-v in half precision). The
+      cuDNN kernel already accumulates and takes the softmax in float32 and only accepts fp16/bf16 inputs, so
+      the cast is skipped there.
+    implementation: "xla", "cudnn" or None (JAX chooses).
+
+  Returns:
+    [B, T, H, D] in the query's dtype.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+  out_dtype = query.dtype
+  if upcast and implementation != "cudnn":
+    query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
+  return out.astype(out_dtype)
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """diffusers `get_activation` names → JAX functions."""
+  table = {
+      "silu": nn.silu,
+      "swish": nn.silu,
+      "gelu": lambda x: nn.gelu(x, approximate=False),  # torch F.gelu default is exact (erf)
+      "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+      "relu": nn.relu,
+      "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+  }
+  if name not in table:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(table)}")
+  return table[name]
+
+
+def remat(module_cls: type[nn.Module], policy: str, static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+  """`nn.remat(module_cls)` with a named policy from REMAT_POLICIES; "none" returns the class unchanged.
+
+  `static_argnums` counts `self` as 0 (Flax convention). Parameter names are unaffected.
+  """
+  if policy == "none":
+    return module_cls
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=tuple(static_argnums))
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    name: str,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
+) -> nn.Dense:
+  """nn.Dense whose kernel [in, out] carries logical `axes` and whose bias carries `axes[-1]`."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+      name=name,
+  )
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    name: str,
+    strides: int = 1,
+    padding: int | str | Sequence[tuple[int, int]] | None = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.Conv:
+  """nn.Conv (NHWC, HWIO kernel) with PyTorch-style symmetric integer padding, default (k - 1) // 2."""
+  if padding is None:
+    padding = (kernel_size - 1) // 2
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return nn.Conv(
+      features,
+      kernel_size=(kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=padding,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      name=name,
+  )
+
+
+def layer_norm(
+    *, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> nn.LayerNorm:
+  """torch.nn.LayerNorm numerics (two-pass variance, float32 statistics), params `scale`/`bias`."""
+  return nn.LayerNorm(
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      name=name,
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm over the last (channel) axis; statistics in float32 whatever the compute dtype."""
+
+  num_groups: int = 32  # channels must divide evenly
+  epsilon: float = 1e-5  # diffusers: 1e-5 in the U-Net resnets (norm_eps), 1e-6 in Transformer2D and the VAE
+  dtype: Dtype = jnp.float32  # output dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (channels,), self.param_dtype
+    )
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (channels,), self.param_dtype
+    )
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)  # all but batch and group
+    mean = grouped.mean(axis=axes, keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+    y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """diffusers `Attention` (AttnProcessor2_0 semantics): params `to_q`, `to_k`, `to_v`, `to_out_0`, and
+  `group_norm` when `norm_num_groups` is set (the pixel-space `AttnDownBlock2D`/VAE mid-block form).
+
+  Input is [B, L, C] or [B, H, W, C] (flattened to tokens and restored). `context` [B, S, C'] gives
+  cross-attention; None gives self-attention.
+  """
+
+  heads: int
+  dim_head: int
+  out_dim: int | None = None  # default: the input channels
+  bias: bool = False  # bias on to_q/to_k/to_v
+  out_bias: bool = True
+  norm_num_groups: int | None = None  # GroupNorm over the input before the projections
+  eps: float = 1e-5  # group_norm epsilon
+  residual_connection: bool = False
+  rescale_output_factor: float = 1.0
+  upcast_attention: bool = False
+  attention_impl: str | None = "xla"
+  dropout: float = 0.0  # on the output projection
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      hidden_states: Array,
+      context: Array | None = None,
+      context_mask: Array | None = None,
+      deterministic: bool = True,
+  ) -> Array:
+    """context_mask: optional boolean [B, S], True = attend (only used with `context`)."""
+    residual = hidden_states
+    spatial_shape = None
+    if hidden_states.ndim == 4:
+      spatial_shape = hidden_states.shape
+      hidden_states = hidden_states.reshape(spatial_shape[0], -1, spatial_shape[-1])
+    batch, length, channels = hidden_states.shape
+    if self.norm_num_groups is not None:
+      hidden_states = GroupNorm(
+          self.norm_num_groups, self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="group_norm"
+      )(hidden_states)
+    hidden_states = hidden_states.astype(self.dtype)
+    kv_input = hidden_states if context is None else context.astype(self.dtype)
+
+    inner = self.heads * self.dim_head
+    proj = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    query = dense(inner, ("embed", "heads"), name="to_q", **proj)(hidden_states)
+    key = dense(inner, ("embed", "heads"), name="to_k", **proj)(kv_input)
+    value = dense(inner, ("embed", "heads"), name="to_v", **proj)(kv_input)
+    query, key, value = (t.reshape(batch, t.shape[1], self.heads, self.dim_head) for t in (query, key, value))
+
+    mask = None
+    if context is not None and context_mask is not None:
+      mask = context_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
+    out = dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        scale=self.dim_head**-0.5,
+        upcast=self.upcast_attention,
+        implementation=self.attention_impl,
+    )
+    out = out.reshape(batch, length, inner)
+    out = dense(
+        self.out_dim or channels,
+        ("heads", "embed"),
+        name="to_out_0",
+        use_bias=self.out_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )(out)
+    out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
+    if spatial_shape is not None:
+      out = out.reshape(*spatial_shape[:-1], out.shape[-1])
+    if self.residual_connection:
+      out = out + residual.astype(out.dtype)
+    if self.rescale_output_factor != 1.0:
+      out = out / self.rescale_output_factor
+    return out
+
+
+class GEGLU(nn.Module):
+  """diffusers GEGLU: `proj` to 2 * dim_out, split into (hidden, gate), return hidden * gelu(gate)."""
+
+  dim_out: int
+  approximate: bool = False  # exact erf GELU as torch's F.gelu default
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = dense(2 * self.dim_out, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    hidden, gate = jnp.split(x, 2, axis=-1)
+    return hidden * nn.gelu(gate, approximate=self.approximate)
+
+
+class GELUProj(nn.Module):
+  """diffusers GELU activation module: `proj` then gelu."""
+
+  dim_out: int
+  approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = dense(self.dim_out, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return nn.gelu(x, approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+  """diffusers FeedForward: `net_0` (GEGLU/GELU with `proj`), dropout, `net_2` Dense back to `dim_out`."""
+
+  dim_out: int | None = None  # default: input width
+  mult: int = 4
+  inner_dim: int | None = None  # default: mult * input width
+  activation_fn: str = "geglu"  # "geglu" | "geglu-approximate" | "gelu" | "gelu-approximate"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    dim = x.shape[-1]
+    inner = self.inner_dim or dim * self.mult
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.activation_fn in ("geglu", "geglu-approximate"):
+      act = GEGLU(inner, approximate=self.activation_fn.endswith("approximate"), name="net_0", **kw)
+    elif self.activation_fn in ("gelu", "gelu-approximate"):
+      act = GELUProj(inner, approximate=self.activation_fn.endswith("approximate"), name="net_0", **kw)
+    else:
+      raise ValueError(f"unsupported activation_fn {self.activation_fn!r}")
+    x = act(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return dense(self.dim_out or dim, ("mlp", "embed"), name="net_2", **kw)(x)
+
+
+class BasicTransformerBlock(nn.Module):
+  """diffusers BasicTransformerBlock (norm_type "layer_norm"): pre-LN self-attention, cross-attention and
+  GEGLU feed-forward, each added back to the residual stream. Params: norm1, attn1, norm2, attn2, norm3, ff.
+  """
+
+  num_attention_heads: int
+  attention_head_dim: int
+  cross_attention_dim: int | None = None  # None: no attn2/norm2 (self-attention only)
+  only_cross_attention: bool = False  # attn1 attends to the context too
+  upcast_attention: bool = False
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  attention_impl: str | None = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      hidden_states: Array,
+      context: Array | None = None,
+      context_mask: Array | None = None,
+      deterministic: bool = True,
+  ) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn_kw = dict(
+        heads=self.num_attention_heads,
+        dim_head=self.attention_head_dim,
+        upcast_attention=self.upcast_attention,
+        attention_impl=self.attention_impl,
+        dropout=self.dropout,
+        **kw,
+    )
+    if context is not None and self.cross_attention_dim is not None and context.shape[-1] != self.cross_attention_dim:
+      raise ValueError(f"context width {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}")
+
+    norm = layer_norm(name="norm1", epsilon=self.norm_eps, **kw)(hidden_states)
+    attn1_context = context if self.only_cross_attention else None
+    hidden_states = Attention(name="attn1", **attn_kw)(norm, attn1_context, context_mask, deterministic) + hidden_states
+
+    if self.cross_attention_dim is not None:
+      if context is None:
+        raise ValueError("this transformer block has cross-attention: pass a context (encoder_hidden_states)")
+      norm = layer_norm(name="norm2", epsilon=self.norm_eps, **kw)(hidden_states)
+      hidden_states = Attention(name="attn2", **attn_kw)(norm, context, context_mask, deterministic) + hidden_states
+
+    norm = layer_norm(name="norm3", epsilon=self.norm_eps, **kw)(hidden_states)
+    hidden_states = FeedForward(dropout=self.dropout, name="ff", **kw)(norm, deterministic) + hidden_states
+    return nn.with_logical_constraint(hidden_states, TOKEN_AXES)
+
+
+class Transformer2DModel(nn.Module):
+  """diffusers Transformer2DModel for continuous (image) input: GroupNorm(eps 1e-6) → proj_in (1×1 conv, or
+  Dense when `use_linear_projection`) → BasicTransformerBlocks over H*W tokens → proj_out, plus the input.
+  Params: norm, proj_in, transformer_blocks_{i}, proj_out.
+  """
+
+  num_attention_heads: int
+  attention_head_dim: int
+  num_layers: int = 1
+  cross_attention_dim: int | None = None
+  norm_num_groups: int = 32
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  dropout: float = 0.0
+  attention_impl: str | None = "xla"
+  remat_policy: str = "none"  # applied to each BasicTransformerBlock
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      hidden_states: Array,  # [B, H, W, C]
+      context: Array | None = None,  # [B, S, D]
+      context_mask: Array | None = None,  # [B, S] bool
+      deterministic: bool = True,
+  ) -> Array:
+    batch, height, width, channels = hidden_states.shape
+    inner = self.num_attention_heads * self.attention_head_dim
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    residual = hidden_states
+
+    h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(hidden_states)
+    # A 1x1 conv and a Dense are the same map on NHWC; only the kernel shape differs ([1,1,C,I] vs [C,I]).
+    if self.use_linear_projection:
+      h = dense(inner, ("embed", "mlp"), name="proj_in", **kw)(h.reshape(batch, height * width, channels))
+    else:
+      h = conv(inner, 1, name="proj_in", **kw)(h).reshape(batch, height * width, inner)
+    h = nn.with_logical_constraint(h, TOKEN_AXES)
+
+    block_cls = remat(BasicTransformerBlock, self.remat_policy, static_argnums=(4,))
+    for i in range(self.num_layers):
+      h = block_cls(
+          num_attention_heads=self.num_attention_heads,
+          attention_head_dim=self.attention_head_dim,
+          cross_attention_dim=self.cross_attention_dim,
+          only_cross_attention=self.only_cross_attention,
+          upcast_attention=self.upcast_attention,
+          dropout=self.dropout,
+          attention_impl=self.attention_impl,
+          name=f"transformer_blocks_{i}",
+          **kw,
+      )(h, context, context_mask, deterministic)
+
+    if self.use_linear_projection:
+      h = dense(channels, ("mlp", "embed"), name="proj_out", **kw)(h).reshape(batch, height, width, channels)
+    else:
+      h = conv(channels, 1, name="proj_out", **kw)(h.reshape(batch, height, width, inner))
+    return h + residual.astype(h.dtype)
+
+
+class ResnetBlock2D(nn.Module):
+  """diffusers ResnetBlock2D: norm1 → act → conv1 (+ time_emb_proj(act(temb))) → norm2 → act → dropout → conv2,
+  plus the input (through the 1×1 `conv_shortcut` when channels change), divided by output_scale_factor.
+  `temb` None means no time embedding (as in the VAE), and no `time_emb_proj` parameter is created.
+  """
+
+  out_channels: int | None = None  # default: input channels
+  groups: int = 32
+  groups_out: int | None = None  # default: groups
+  eps: float = 1e-6
+  dropout: float = 0.0
+  time_embedding_norm: str = "default"  # "default" (add) | "scale_shift"
+  non_linearity: str = "silu"
+  output_scale_factor: float = 1.0
+  use_in_shortcut: bool | None = None  # default: in != out
+  conv_shortcut_bias: bool = True
+  skip_time_act: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None = None, deterministic: bool = True) -> Array:
+    in_channels = x.shape[-1]
+    out_channels = self.out_channels or in_channels
+    act = activation(self.non_linearity)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    h = act(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+    h = conv(out_channels, 3, name="conv1", **kw)(h)
+    if temb is not None:
+      if self.time_embedding_norm not in ("default", "scale_shift"):
+        raise ValueError(f"unsupported time_embedding_norm {self.time_embedding_norm!r}")
+      t = temb.astype(self.dtype) if self.skip_time_act else act(temb.astype(self.dtype))
+      width = out_channels * (2 if self.time_embedding_norm == "scale_shift" else 1)
+      t = dense(width, ("embed", "mlp"), name="time_emb_proj", **kw)(t)[:, None, None, :]
+    norm2 = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)
+    if temb is not None and self.time_embedding_norm == "scale_shift":
+      scale, shift = jnp.split(t, 2, axis=-1)
+      h = norm2(h) * (1 + scale) + shift
+    else:
+      h = norm2(h + t if temb is not None else h)
+    h = nn.Dropout(self.dropout)(act(h), deterministic=deterministic)
+    h = conv(out_channels, 3, name="conv2", **kw)(h)
+
+    use_shortcut = self.use_in_shortcut if self.use_in_shortcut is not None else in_channels != out_channels
+    if use_shortcut:
+      x = conv(out_channels, 1, name="conv_shortcut", use_bias=self.conv_shortcut_bias, **kw)(x)
+    out = (x.astype(h.dtype) + h) / self.output_scale_factor
+    return nn.with_logical_constraint(out, IMAGE_AXES)
+
+
+class Downsample2D(nn.Module):
+  """diffusers Downsample2D: 3×3 stride-2 `conv` with `padding` on all sides, or with padding 0 the
+  (right, bottom) one-pixel zero pad first (VAE encoder). `use_conv=False` is a 2×2 average pool.
+  """
+
+  out_channels: int | None = None
+  use_conv: bool = True
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if not self.use_conv:
+      return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if self.padding == 0:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return conv(
+        self.out_channels or x.shape[-1],
+        3,
+        strides=2,
+        padding=self.padding,
+        name="conv",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )(x)
+
+
+def nearest_resize(x: Array, size: tuple[int, int]) -> Array:
+  """torch `F.interpolate(mode="nearest")` to `size` on NHWC: source index floor(dst * in / out)."""
+  in_h, in_w = x.shape[1:3]
+  out_h, out_w = size
+  if (out_h, out_w) == (2 * in_h, 2 * in_w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = (jnp.arange(out_h) * in_h) // out_h
+  cols = (jnp.arange(out_w) * in_w) // out_w
+  return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nn.Module):
+  """diffusers Upsample2D: nearest ×2 (or to `output_size`) then a 3×3 `conv` when `use_conv`."""
+
+  out_channels: int | None = None
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, output_size: tuple[int, int] | None = None) -> Array:
+    size = output_size or (2 * x.shape[1], 2 * x.shape[2])
+    x = nearest_resize(x, tuple(size))
+    if not self.use_conv:
+      return x
+    return conv(
+        self.out_channels or x.shape[-1], 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+    )(x)
+
+
+class TimestepEmbedding(nn.Module):
+  """diffusers TimestepEmbedding: `linear_1` → act → `linear_2`."""
+
+  time_embed_dim: int
+  out_dim: int | None = None  # default: time_embed_dim
+  act_fn: str = "silu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.time_embed_dim, ("embed", "mlp"), name="linear_1", **kw)(x)
+    x = activation(self.act_fn)(x)
+    return dense(self.out_dim or self.time_embed_dim, ("mlp", "embed"), name="linear_2", **kw)(x)

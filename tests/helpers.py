@@ -1,0 +1,44 @@
+"""Shared test helpers: tiny configs, metric reading, subprocess runs of the entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "shapes_ddpm", arg: str = "runlocal", **overrides):
+  """configs/<name>.py:get_config(arg) with dotted-key overrides ("optim.lr": 1e-3)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.lock()  # as the command line does (config_flags lock_config=True)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def losses(workdir) -> dict[int, float]:
+  from sd_jax import metrics
+  return {row["step"]: row["loss"] for row in metrics.read_metrics(workdir) if "loss" in row}
+
+
+def run_main(args: list[str], *, env: dict[str, str] | None = None, timeout: int = 300,
+             check: bool = False) -> subprocess.CompletedProcess:
+  """Runs `python -m sd_jax.main ARGS` in a fresh process (its own device count from env XLA_FLAGS)."""
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  result = subprocess.run([sys.executable, "-m", "sd_jax.main", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f"sd_jax.main failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
+  return result

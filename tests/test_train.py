@@ -1,0 +1,159 @@
+"""The shared training loop on 8 fake CPU devices: meshes, pmap, resume, restore, init_from, bad runs."""
+
+import json
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from sd_jax import checkpoint as ckpt_lib
+from sd_jax import metrics
+from sd_jax import train
+from tests import helpers
+
+STEPS = 4
+
+
+def _config(**overrides):
+  base = {"total_steps": STEPS, "log_every_steps": 1, "save_every_steps": 2, "eval_every_steps": -1,
+          "optim.schedule": "constant"}
+  base.update(overrides)
+  return helpers.load_config(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  """One uninterrupted run on a single device: the losses every other layout must reproduce."""
+  workdir = tmp_path_factory.mktemp("reference")
+  train.train_and_evaluate(_config(eval_every_steps=0, **{"mesh.data": 1}), str(workdir), devices=jax.devices()[:1])
+  return workdir
+
+
+def _assert_same_losses(workdir, reference, rtol=1e-5):
+  got, want = helpers.losses(workdir), helpers.losses(reference)
+  assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=rtol)
+
+
+def test_workdir_contract(reference):
+  rows = metrics.read_metrics(reference)
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  for row in rows:
+    if "loss" in row:
+      for key in ("loss", "learning_rate", "grad_norm", "steps_per_sec"):
+        assert key in row and np.isfinite(row[key]), key
+  assert any("eval_loss" in row for row in rows)  # held-out loss at the end
+  config = json.loads((reference / "config.json").read_text())
+  assert config["trainer"] == "ddpm" and config["total_steps"] == STEPS
+  assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  assert list(reference.glob("events.out.tfevents.*")), "TensorBoard events missing"
+  # The loss goes down on a fixed batch size with a high learning rate (the loop trains something).
+  losses = helpers.losses(reference)
+  assert losses[STEPS] < losses[1]
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                  dict(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "data2fsdp2tensor2"])
+def test_sharding_equivalence(mesh, reference, tmp_path):
+  config = _config(**{f"mesh.{k}": v for k, v in mesh.items()})
+  train.train_and_evaluate(config, str(tmp_path))
+  _assert_same_losses(tmp_path, reference)
+
+
+def test_fsdp_actually_shards_params(data_dir):
+  setup = train.setup(_config(**{"mesh.data": 1, "mesh.fsdp": 8}))
+  specs = [s.spec for s in jax.tree.leaves(setup.state_shardings.params)]
+  assert any("fsdp" in str(spec) for spec in specs)
+  tensor = train.setup(_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
+  assert any("tensor" in str(s.spec) for s in jax.tree.leaves(tensor.state_shardings.params))
+
+
+def test_pmap_matches_jit(reference, tmp_path):
+  train.train_and_evaluate(_config(parallelism="pmap"), str(tmp_path))
+  _assert_same_losses(tmp_path, reference)
+
+
+def test_exact_resume_after_interruption(reference, tmp_path):
+  """Lose everything after step 2 (as a crash would), rerun: the metrics equal the uninterrupted run's."""
+  shutil.copytree(reference, tmp_path / "w")
+  shutil.rmtree(tmp_path / "w" / "checkpoints" / "4")
+  train.train_and_evaluate(_config(**{"mesh.data": 1}), str(tmp_path / "w"), devices=jax.devices()[:1])
+  got, want = helpers.losses(tmp_path / "w"), helpers.losses(reference)
+  assert got == want  # bitwise on CPU with the same device count
+  rows = metrics.read_metrics(tmp_path / "w")
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # no duplicated rows after the resume
+
+
+def test_resharded_restore(data_dir, tmp_path):
+  """A checkpoint saved on 8 devices with fsdp restores onto 1 and 4 devices with identical parameters."""
+  config = _config(total_steps=2, **{"mesh.data": 1, "mesh.fsdp": 8})
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = train.setup(config)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3, with_data=False)
+  original = jax.device_get(checkpointer.restore(2, saved.abstract_state).params)
+  for devices, mesh in ((jax.devices()[:1], dict(data=1, fsdp=1)), (jax.devices()[:4], dict(data=1, fsdp=4))):
+    target = train.setup(_config(**{"mesh.data": mesh["data"], "mesh.fsdp": mesh["fsdp"]}), devices=devices)
+    restored = checkpointer.restore(2, target.abstract_state)
+    leaves = jax.tree.leaves(restored.params)
+    assert all(len(x.sharding.device_set) == len(devices) for x in leaves)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), original)
+  checkpointer.close()
+
+
+def test_half_written_checkpoint_is_never_restored(reference, tmp_path):
+  """A save killed midway leaves orbax's temporary directory; resume uses the last complete checkpoint."""
+  shutil.copytree(reference, tmp_path / "w")
+  ckpts = tmp_path / "w" / "checkpoints"
+  # What a kill during the save of step 6 leaves behind: a partial copy under orbax's temporary name.
+  partial = ckpts / "6.orbax-checkpoint-tmp-1234567890"
+  shutil.copytree(ckpts / "4", partial)
+  shutil.rmtree(partial / "state" / "d")
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "w"), keep=3)
+  assert checkpointer.latest_step() == 4
+  checkpointer.close()
+  config = _config(total_steps=6, **{"mesh.data": 1})
+  train.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+  got = helpers.losses(tmp_path / "w")
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  assert {s: got[s] for s in range(1, 5)} == helpers.losses(reference)
+  assert not partial.exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  config = _config(total_steps=30, save_every_steps=1, **{"optim.lr": 1e30, "optim.grad_clip_norm": 0.0,
+                                                         "optim.warmup_steps": 0, "mesh.data": 1})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
+    train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and max(steps) < bad_step
+  assert f"last good checkpoint ({max(steps)})" in str(info.value)
+
+
+def test_init_from_loads_params_and_reports_mismatch(reference, tmp_path):
+  config = _config(init_from=str(reference), total_steps=1, **{"mesh.data": 1})
+  setup = train.setup(config, devices=jax.devices()[:1])
+  loaded, mask = ckpt_lib.load_params(str(reference), jax.tree.map(lambda x: x, setup.abstract_state.params),
+                                      setup.state_shardings.params, allow_partial=False)
+  assert all(jax.tree.leaves(mask))
+  checkpointer = ckpt_lib.Checkpointer(str(reference), keep=3, with_data=False)
+  final = checkpointer.restore(4, setup.abstract_state).params
+  checkpointer.close()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(final))
+  train.train_and_evaluate(config, str(tmp_path / "finetune"), devices=jax.devices()[:1])
+
+  # A wider model does not match: the error names the mis-shaped keys; a partial load is opt-in.
+  wider = _config(init_from=str(reference), total_steps=1, **{"mesh.data": 1})
+  wider.model.block_out_channels = tuple(2 * c for c in wider.model.block_out_channels)
+  with pytest.raises(ValueError, match=r"does not match the model:(.|\n)*wrong shape(.|\n)*conv_in"):
+    train.train_and_evaluate(wider, str(tmp_path / "wider"), devices=jax.devices()[:1])
+  wider.init_allow_partial = True
+  train.train_and_evaluate(wider, str(tmp_path / "wider"), devices=jax.devices()[:1])
+
+
+def test_init_from_missing_path_is_clear(data_dir, tmp_path):
+  config = _config(init_from=str(tmp_path / "nope"), **{"mesh.data": 1})
+  with pytest.raises(FileNotFoundError, match="init_from=.*nope.*does not exist"):
+    train.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
