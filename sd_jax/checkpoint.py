@@ -54,12 +54,32 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
-    """Restores `step` onto the shardings in `abstract_state` (any mesh: restore reshards)."""
+    """Restores `step` onto the shardings in `abstract_state` (any mesh: restore reshards).
+
+    A checkpoint written by a different model or optimizer fails with the key diff, before anything is read.
+    """
+    self.check_compatible(step, abstract_state)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if self._with_data:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except ValueError as e:
+      raise ValueError(f"checkpoint {step} in {self.manager.directory} does not fit the current config (optimizer "
+                       f"or EMA settings changed?): {e}\nUse a new --workdir, or --config.init_from to load params "
+                       "only.") from e
     return restored["state"]
+
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Fails with a readable key diff when the checkpoint's params do not fit the current model."""
+    state_dir = epath.Path(self.manager.directory) / str(step) / "state"
+    metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    found = getattr(metadata, "tree", metadata)
+    diff = format_diff(*tree_diff(abstract_state.params, found.get("params", {})))
+    if diff:
+      raise ValueError(
+          f"{state_dir} was written by a run with a different model:\n{diff}\n"
+          "Use a new --workdir for a new config, or load params only with --config.init_from=OLD_WORKDIR.")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -212,11 +232,3 @@ class PreemptionWatcher:
       except RuntimeError:
         pass  # preemption sync service not started (jax.distributed without it): fall back to the local flag
     return self._event.is_set()
-
-
-def process_count_env() -> int:
-  return int(os.environ.get("SD_JAX_NUM_PROCESSES", "1"))
-
-
-def to_numpy(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
