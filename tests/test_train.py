@@ -84,6 +84,15 @@ def test_exact_resume_after_interruption(reference, tmp_path):
   assert got == want  # bitwise on CPU with the same device count
   rows = metrics.read_metrics(tmp_path / "w")
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # no duplicated rows after the resume
+  # The whole final state (params, optimizer state, EMA params, RNG) is bitwise the uninterrupted run's.
+  setup = train.setup(_config(**{"mesh.data": 1}), devices=jax.devices()[:1])
+  final = []
+  for workdir in (reference, tmp_path / "w"):
+    checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=3, with_data=False)
+    final.append(jax.device_get(checkpointer.restore(STEPS, setup.abstract_state)))
+    checkpointer.close()
+  assert final[0].ema_params is not None
+  jax.tree.map(np.testing.assert_array_equal, final[0], final[1])
 
 
 def test_resharded_restore(data_dir, tmp_path):
