@@ -108,10 +108,12 @@ def resolve_state_dir(path: str) -> epath.Path:
     p = p / str(complete[-1])
   if (p / "state").is_dir():
     p = p / "state"
+  elif (p / "params" / "_METADATA").exists():  # a component of an sd_jax model directory (weights/store.py)
+    p = p / "params"
   if not (p / "_METADATA").exists():
     raise FileNotFoundError(
         f"config.init_from={path!r}: {p} is not an sd_jax checkpoint (expected WORKDIR, WORKDIR/checkpoints, "
-        "WORKDIR/checkpoints/<step> or its state/ directory).")
+        "WORKDIR/checkpoints/<step>, its state/ directory, or a component of a converted model such as OUT/unet).")
   return p
 
 

@@ -50,8 +50,9 @@ class TrainState:
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup, then cosine decay or constant. Counted in optimizer updates."""
-  decay_steps = max(1, math.ceil(total_steps / optim.grad_accum_steps))
-  warmup = min(optim.warmup_steps, decay_steps)
+  updates = max(1, math.ceil(total_steps / optim.grad_accum_steps))
+  warmup = min(optim.warmup_steps, updates)
+  decay_steps = max(updates, warmup + 1)  # optax needs a non-empty decay phase after warmup
   if optim.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else optim.lr, peak_value=optim.lr, warmup_steps=warmup,

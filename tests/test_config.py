@@ -91,3 +91,14 @@ def test_cli_rejects_misspelled_override_and_unknown_arg(tmp_path):
   assert result.returncode != 0
   assert "Unknown config arg 'runlcoal'" in result.stderr and "runlocal" in result.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("total_steps,warmup", [(1, 2), (5, 5), (100, 10), (3, 0)])
+def test_learning_rate_schedules(schedule, total_steps, warmup):
+  optim = helpers.load_config(**{"optim.schedule": schedule, "optim.warmup_steps": warmup}).optim
+  lr = train.learning_rate_schedule(optim, total_steps)
+  values = [float(lr(s)) for s in range(total_steps + 1)]
+  assert all(0.0 <= v <= optim.lr * (1 + 1e-6) for v in values)
+  if warmup and warmup < total_steps:
+    assert values[warmup] == pytest.approx(optim.lr)
