@@ -95,7 +95,7 @@ class Checkpointer:
 
 def resolve_state_dir(path: str) -> epath.Path:
   """Finds the `state` item directory for a workdir, a checkpoints/ dir, a step dir or a state dir."""
-  p = epath.Path(path)
+  p = epath.Path(path if "://" in str(path) else os.path.abspath(os.path.expanduser(str(path))))
   if not p.exists():
     raise FileNotFoundError(f"config.init_from={path!r} does not exist. Give a workdir or a checkpoint directory.")
   if (p / "checkpoints").is_dir():

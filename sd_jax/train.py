@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -148,12 +149,19 @@ def check_config_against_devices(config, mesh, process_count: int) -> None:
 class Context:
   """What a trainer's host-side evaluation hook may use."""
 
-  def __init__(self, config, workdir, mesh, writer, eval_iterator_fn):
+  def __init__(self, config, workdir, mesh, writer, eval_iterator_fn, eval_fn=None):
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
     self.writer = writer
     self.eval_iterator_fn = eval_iterator_fn
+    self.eval_fn = eval_fn  # jitted eval_step, compiled once and reused by every evaluation
+
+
+def resolve_workdir(workdir) -> epath.Path:
+  """Local paths become absolute (orbax requires it); URLs such as gs://bucket/run are kept as they are."""
+  workdir = str(workdir)
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(os.path.expanduser(workdir)))
 
 
 def _write_config(config, workdir: epath.Path) -> None:
@@ -224,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   exp = setup(config, devices)
   task, tx, schedule, mesh, rules, state_shardings = (
       exp.task, exp.tx, exp.schedule, exp.mesh, exp.rules, exp.state_shardings)
-  workdir = epath.Path(workdir)
+  workdir = resolve_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.devices.size,
@@ -252,9 +260,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   metrics_lib.truncate_after(workdir, start_step)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  eval_fn = (jax.jit(functools.partial(eval_step, task=task, global_batch=global_batch, seed=config.seed))
+             if hasattr(task, "eval_metrics") else None)
   ctx = Context(config, workdir, mesh, writer, lambda: pipeline.create_iterator(
       config.dataset, split=config.dataset.eval_split, global_batch_size=global_batch, seed=config.seed,
-      train=False))
+      train=False), eval_fn=eval_fn)
 
   # --- Compile the step ahead of time.
   batch_sharding = exp.batch_sharding
@@ -402,9 +412,9 @@ def _log_compiled(compiled) -> None:
 def _evaluate(step, state, task, ctx, config, mesh, batch_sharding, writer) -> None:
   """Held-out metrics (averaged over the eval split) and the trainer's own evaluation hook."""
   results: dict[str, float] = {}
-  if hasattr(task, "eval_metrics"):
+  if ctx.eval_fn is not None:
     params = state.ema_params if state.ema_params is not None else state.params
-    fn = jax.jit(functools.partial(eval_step, task=task, global_batch=config.batch_size, seed=config.seed))
+    fn = ctx.eval_fn
     sums: dict[str, float] = {}
     count = 0
     for local_batch in ctx.eval_iterator_fn():

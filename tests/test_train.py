@@ -175,3 +175,11 @@ def test_resume_with_a_different_model_names_the_keys(reference, tmp_path):
   with pytest.raises(ValueError, match=r"written by a run with a different model:(.|\n)*wrong shape(.|\n)*new --workdir"):
     train.train_and_evaluate(wider, str(tmp_path / "w"), devices=jax.devices()[:1])
   assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_relative_workdir(reference, tmp_path, monkeypatch):
+  """README's command uses a relative --workdir; orbax needs absolute paths internally."""
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(_config(total_steps=2, **{"mesh.data": 1}), "runs/relative", devices=jax.devices()[:1])
+  assert (tmp_path / "runs" / "relative" / "checkpoints" / "2").is_dir()
+  assert len(helpers.losses(tmp_path / "runs" / "relative")) == 2

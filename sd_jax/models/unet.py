@@ -645,7 +645,7 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str,
   cfg: dict[str, Any] = {}
   unsupported = []
   for key, value in d.items():
-    if key in _DIFFUSERS_IGNORED:
+    if key in _DIFFUSERS_IGNORED or key.startswith("_"):  # diffusers metadata (`_use_default_values`, ...)
       continue
     if key == "add_attention":  # UNet2DModel
       cfg["mid_block_add_attention"] = value

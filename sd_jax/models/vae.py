@@ -381,13 +381,10 @@ class AutoencoderKL(nn.Module):
       self, x: Array, sample_posterior: bool = False, rng: Array | None = None
   ) -> tuple[Array, DiagonalGaussian]:
     """Reconstruction of `x` from the posterior's mode, or from a sample (needs `rng`)."""
+    if sample_posterior and rng is None:
+      raise ValueError("sample_posterior=True needs an rng")
     posterior = self.encode(x)
-    if sample_posterior:
-      if rng is None:
-        raise ValueError("sample_posterior=True needs an rng")
-      z = posterior.sample(rng)
-    else:
-      z = posterior.mode()
+    z = posterior.sample(rng) if sample_posterior else posterior.mode()
     return self.decode(z), posterior
 
   # -- latent scaling (no params) -------------------------------------------------------------------------------

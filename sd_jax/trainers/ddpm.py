@@ -35,6 +35,7 @@ class Task:
     self.schedule = make_schedule(config.diffusion)
     self.resolution = config.dataset.resolution
     self.class_conditional = bool(config.model.get("num_class_embeds"))
+    self._sample_fn = None  # the jitted sample-grid function, compiled at the first evaluation
 
   def _labels(self, batch):
     return batch["label"] if self.class_conditional else None
@@ -82,8 +83,9 @@ class Task:
     params = state.ema_params if state.ema_params is not None else state.params
     n = self.config.sample.num_images
     labels = (jnp.arange(n) % self.config.model.num_class_embeds) if self.class_conditional else None
-    sample_fn = jax.jit(lambda p, r: self.sample(p, r, n, labels))
-    images = np.asarray(jax.device_get(sample_fn(params, jax.random.PRNGKey(self.config.seed))))
+    if self._sample_fn is None:
+      self._sample_fn = jax.jit(lambda p, r: self.sample(p, r, n, labels))
+    images = np.asarray(jax.device_get(self._sample_fn(params, jax.random.PRNGKey(self.config.seed))))
     grid = images_lib.make_grid(images_lib.to_uint8(images))
     if jax.process_index() == 0:
       out = epath.Path(ctx.workdir) / "samples"

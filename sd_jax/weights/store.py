@@ -15,6 +15,7 @@ orbax checkpoint with a `params` subtree, like a training checkpoint's `state/`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from typing import Any
 
@@ -24,6 +25,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 INDEX_FILE = "sd_jax_model.json"
+
+
+def _path(directory) -> epath.Path:
+  """Absolute local paths (orbax requires them); URLs are kept."""
+  directory = str(directory)
+  return epath.Path(directory if "://" in directory else os.path.abspath(os.path.expanduser(directory)))
 
 
 def _jsonable(value):
@@ -40,7 +47,7 @@ def _jsonable(value):
 
 def save_component(out_dir, name: str, config_fields: dict[str, Any], params: Any, *, overwrite: bool = False) -> None:
   """Writes `out_dir/name/{config.json,params/}`. Refuses to replace an existing component unless `overwrite`."""
-  component = epath.Path(out_dir) / name
+  component = _path(out_dir) / name
   if (component / "params").exists():
     if not overwrite:
       raise FileExistsError(f"{component} already holds weights; choose another --out or remove it first.")
@@ -52,7 +59,7 @@ def save_component(out_dir, name: str, config_fields: dict[str, Any], params: An
 
 def load_component(model_dir, name: str, *, shardings: Any = None) -> tuple[dict[str, Any], Any]:
   """(config fields, params) of a component; params on `shardings` if given, else host numpy arrays."""
-  component = epath.Path(model_dir) / name
+  component = _path(model_dir) / name
   if not (component / "config.json").exists():
     present = sorted(p.name for p in epath.Path(model_dir).iterdir()) if epath.Path(model_dir).exists() else []
     raise FileNotFoundError(f"{component} is not an sd_jax model component (no config.json). "

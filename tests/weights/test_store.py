@@ -24,6 +24,12 @@ def test_component_round_trip_and_no_silent_overwrite(tmp_path):
     store.load_component(tmp_path, "vae")
 
 
+def test_relative_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  store.save_component("rel_model", "vae", {"a": 1}, {"w": np.ones(3, np.float32)})
+  assert store.load_component("rel_model", "vae")[0] == {"a": 1}
+
+
 def test_component_works_as_init_from(tmp_path, data_dir):
   """Imported weights fine-tune through the usual init_from path."""
   config = helpers.load_config(total_steps=1, eval_every_steps=-1, **{"mesh.data": 1})
