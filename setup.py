@@ -30,6 +30,8 @@ setup(
         "matplotlib>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        # torch, diffusers and transformers are reference implementations for the parity tests, never used by
+        # sd_jax itself.
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch>=2.4", "diffusers>=0.35", "transformers>=4.50"],
     },
 )

@@ -230,8 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   `devices` restricts the mesh to a subset of devices (tests); by default all devices of all processes.
   """
   exp = setup(config, devices)
-  task, tx, schedule, mesh, rules, state_shardings = (
-      exp.task, exp.tx, exp.schedule, exp.mesh, exp.rules, exp.state_shardings)
+  task, tx, schedule, mesh, state_shardings = exp.task, exp.tx, exp.schedule, exp.mesh, exp.state_shardings
   workdir = resolve_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)

@@ -5,7 +5,6 @@ import json
 import os
 import time
 
-import jax
 import pytest
 
 from sd_jax import config_lib

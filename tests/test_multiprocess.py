@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from sd_jax import metrics
 from sd_jax import train
@@ -84,7 +83,7 @@ def test_sigterm_saves_current_step_and_resume_continues_exactly(data_dir, tmp_p
   total = preempted_at + 2
   result = helpers.run_main([a if not a.startswith("--config.total_steps") else f"--config.total_steps={total}"
                              for a in args], env=_env(8, data_dir), check=True)
-  assert f"Resuming from" in result.stderr and f"step {preempted_at}" in result.stderr
+  assert "Resuming from" in result.stderr and f"step {preempted_at}" in result.stderr
   reference = helpers.load_config(total_steps=total, save_every_steps=100000, log_every_steps=1,
                                   eval_every_steps=-1, **{"optim.schedule": "constant"})
   train.train_and_evaluate(reference, str(tmp_path / "uninterrupted"))

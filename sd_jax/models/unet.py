@@ -16,11 +16,10 @@ Build a model from a named config plus overrides (the overrides are what an ml_c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sd_jax.models.layers import (

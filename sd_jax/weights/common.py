@@ -108,7 +108,8 @@ def _load_safetensors_via_torch(path) -> dict[str, np.ndarray]:
 def save_state_dict(tensors: Mapping[str, np.ndarray], path, *, metadata: dict[str, str] | None = None) -> None:
   from safetensors.numpy import save_file
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
+  # np.asarray(order="C"), not ascontiguousarray: the latter turns 0-d tensors (logit_scale) into shape (1,).
+  save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------------------

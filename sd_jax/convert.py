@@ -1,0 +1,56 @@
+"""Weights in and out of sd_jax.
+
+  python -m sd_jax.convert --from_diffusers DIR --out OUT [--variant fp16] [--allow_pickle]
+  python -m sd_jax.convert --from_single_file v1-5-pruned-emaonly.safetensors --out OUT
+  python -m sd_jax.convert --from_single_file v2-1_768-ema-pruned.safetensors --out OUT \\
+      --image_size 768 --prediction_type v_prediction
+  python -m sd_jax.convert --to_diffusers OUT --out DIFFUSERS_DIR
+
+OUT is an sd_jax model directory (see sd_jax/weights/store.py): load it in Python with
+`sd_jax.weights.pipeline.load_model(OUT)`, or fine-tune its U-Net with `--config.init_from=OUT/unet`.
+Only safetensors are read unless --allow_pickle is given (pickle files can run code when loaded).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("from_diffusers", None, "A diffusers Stable Diffusion directory to import.")
+flags.DEFINE_string("from_single_file", None, "An original single-file SD 1.x/2.x checkpoint to import.")
+flags.DEFINE_string("to_diffusers", None, "An sd_jax model directory to export in the diffusers layout.")
+flags.DEFINE_string("out", None, "Output directory (must not already hold a model).")
+flags.DEFINE_string("variant", None, "diffusers weight variant to read, e.g. fp16.")
+flags.DEFINE_bool("allow_pickle", False, "Also read pickle-based .bin/.ckpt files. Only for files you trust.")
+flags.DEFINE_integer("image_size", None, "Single file, SD 2.x: 512 (base) or 768 (v-prediction model).")
+flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"], "Single file: the model's objective.")
+flags.mark_flag_as_required("out")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sources = [f for f in ("from_diffusers", "from_single_file", "to_diffusers") if FLAGS[f].value]
+  if len(sources) != 1:
+    raise app.UsageError("Give exactly one of --from_diffusers, --from_single_file, --to_diffusers.")
+  from sd_jax.weights import pipeline
+  try:
+    if FLAGS.from_diffusers:
+      done = pipeline.import_diffusers(FLAGS.from_diffusers, FLAGS.out, variant=FLAGS.variant,
+                                       allow_pickle=FLAGS.allow_pickle)
+    elif FLAGS.from_single_file:
+      done = pipeline.import_single_file(FLAGS.from_single_file, FLAGS.out, image_size=FLAGS.image_size,
+                                         prediction_type=FLAGS.prediction_type, allow_pickle=FLAGS.allow_pickle)
+    else:
+      done = pipeline.export_diffusers(FLAGS.to_diffusers, FLAGS.out)
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"wrote {', '.join(done)} to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
