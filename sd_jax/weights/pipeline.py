@@ -173,12 +173,13 @@ def detect_single_file(state: dict[str, np.ndarray]) -> str:
 
 def import_single_file(path, out, *, image_size: int | None = None, prediction_type: str | None = None,
                        allow_pickle: bool = False, unet_config: dict | None = None, vae_config: dict | None = None,
-                       text_config: Any = None) -> dict[str, str]:
+                       text_config: Any = None, family: str | None = None) -> dict[str, str]:
   """Imports an original single-file SD 1.x/2.x checkpoint (U-Net + VAE + text tower).
 
   The file does not say whether an SD 2.x model is the 512² epsilon or the 768² v-prediction one: pass
   `image_size=768, prediction_type="v_prediction"` for SD 2.x-768 (written into scheduler/scheduler_config.json).
-  `unet_config` / `vae_config` / `text_config` replace the SD presets for checkpoints of other sizes.
+  `unet_config` / `vae_config` / `text_config` replace the SD presets for checkpoints of other sizes, and
+  `family` ("sd1" | "sd2") overrides the detection, which looks for SD 2's 1024-wide text context.
   """
   from sd_jax.models import clip as clip_models
   from sd_jax.models import unet as unet_models
@@ -188,7 +189,10 @@ def import_single_file(path, out, *, image_size: int | None = None, prediction_t
   from sd_jax.weights import vae as vae_weights
 
   state = common.load_state_dict(path, allow_pickle=allow_pickle)
-  family = detect_single_file(state)
+  detected = detect_single_file(state)
+  family = family or detected
+  if family not in ("sd1", "sd2"):
+    raise ValueError(f"family={family!r}: use 'sd1' or 'sd2'.")
   out = _check_out(out)
   if family == "sd1":
     unet_fields = unet_config or unet_models.unet_config("sd15")

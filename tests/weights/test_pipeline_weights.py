@@ -4,6 +4,7 @@ Random-weight reference models (diffusers UNet2DConditionModel / AutoencoderKL, 
 saved as a diffusers SD directory, converted with the command line, and every network is run on the same inputs.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -217,3 +218,33 @@ def test_readme_python_example_runs(sd_dir, tmp_path):
   assert namespace["noise_pred"].shape == (1, 64, 64, 4)
   assert namespace["context"].shape == (1, 16, 32)
   assert namespace["image"].shape[0] == 1 and namespace["image"].shape[-1] == 3
+
+
+def test_sd2_style_single_file_with_open_clip_text(tmp_path):
+  """SD 2.x layout: linear-projection U-Net and the OpenCLIP text tower (fused q/k/v) under cond_stage_model.model."""
+  from tests.weights.test_clip_weights import to_open_clip
+  unet_fields = unet_models.unet_config("tiny", use_linear_projection=True, attention_head_dim=(2, 4),
+                                        upcast_attention=True)
+  text_config = clip_models.clip_config("tiny").text
+  unet = _randomize(diffusers.UNet2DConditionModel(**_public(unet_weights.unet_config_to_diffusers(unet_fields))), 3)
+  vae = _randomize(diffusers.AutoencoderKL(
+      **_public(vae_weights.vae_config_to_diffusers(vae_models.create_vae("tiny")))), 4)
+  text = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      **clip_models.clip_config_to_transformers(dataclasses.replace(text_config, hidden_act="gelu")))), 5)
+  text_state = {k.removeprefix("text_model."): v for k, v in text.state_dict().items()}
+  state = {k: np.asarray(v) for k, v in to_open_clip(text_state, pipeline.LDM_OPENCLIP_PREFIX).items()}
+  unet_params = unet_weights.unet_from_diffusers_state_dict(
+      {k: v.numpy() for k, v in unet.state_dict().items()}, unet_fields)
+  state.update(unet_weights.unet_to_ldm_state_dict(unet_params, unet_fields))
+  vae_params = vae_weights.vae_from_diffusers_state_dict({k: v.numpy() for k, v in vae.state_dict().items()},
+                                                         vae_models.vae_config("tiny"))
+  state.update(vae_weights.vae_to_ldm_state_dict(vae_params))
+  common.save_state_dict(state, tmp_path / "sd2-tiny.safetensors")
+
+  pipeline.import_single_file(tmp_path / "sd2-tiny.safetensors", tmp_path / "model", family="sd2",
+                              unet_config=unet_fields, vae_config=vae_models.vae_config("tiny"),
+                              text_config=dataclasses.replace(text_config, hidden_act="gelu"),
+                              image_size=768, prediction_type="v_prediction")
+  scheduler = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
+  assert scheduler["prediction_type"] == "v_prediction"
+  _assert_close(_sd_jax_outputs(tmp_path / "model"), _torch_outputs({"unet": unet, "vae": vae, "text_encoder": text}))
