@@ -106,28 +106,28 @@ def _apply_update(state: TrainState, grads, loss, metrics, *, tx, schedule, conf
   return new_state, metrics
 
 
-def train_step(state: TrainState, batch, *, task, tx, schedule, config, global_batch: int,
+def train_step(state: TrainState, batch, frozen, *, task, tx, schedule, config, global_batch: int,
                key_sharding=None):
   keys = _example_keys(state, global_batch)
   if key_sharding is not None:
     keys = jax.lax.with_sharding_constraint(keys, key_sharding)
-  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, keys)
+  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, keys)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
 
-def train_step_pmap(state: TrainState, batch, *, task, tx, schedule, config, global_batch: int, axis: str):
+def train_step_pmap(state: TrainState, batch, frozen, *, task, tx, schedule, config, global_batch: int, axis: str):
   """The same step, data-parallel under pmap: each device takes its slice of the global batch's keys."""
   local = jax.tree.leaves(batch)[0].shape[0]
   index = jax.lax.axis_index(axis)
   keys = jax.lax.dynamic_slice_in_dim(_example_keys(state, global_batch), index * local, local)
-  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, keys)
+  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, keys)
   grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
 
-def eval_step(params, batch, *, task, global_batch: int, seed: int):
+def eval_step(params, frozen, batch, *, task, global_batch: int, seed: int):
   keys = jax.random.split(jax.random.PRNGKey(seed), global_batch)
-  return task.eval_metrics(params, batch, keys)
+  return task.eval_metrics(params, frozen, batch, keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,13 +149,14 @@ def check_config_against_devices(config, mesh, process_count: int) -> None:
 class Context:
   """What a trainer's host-side evaluation hook may use."""
 
-  def __init__(self, config, workdir, mesh, writer, eval_iterator_fn, eval_fn=None):
+  def __init__(self, config, workdir, mesh, writer, eval_iterator_fn, eval_fn=None, frozen=None):
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
     self.writer = writer
     self.eval_iterator_fn = eval_iterator_fn
     self.eval_fn = eval_fn  # jitted eval_step, compiled once and reused by every evaluation
+    self.frozen = frozen    # the task's frozen networks (sharded), or None
 
 
 def resolve_workdir(workdir) -> epath.Path:
@@ -182,6 +183,16 @@ class Setup:
   abstract_state: TrainState     # ShapeDtypeStructs carrying the shardings
   boxed_params: Any              # params with their logical axis names
   init_fn: Any                   # jitted rng -> sharded TrainState
+  frozen_shardings: Any = None   # shardings of the task's frozen networks (None if it has none)
+
+  def load_frozen(self):
+    """The task's frozen networks (e.g. the VAE and text tower of a latent-diffusion run), placed on the mesh."""
+    if self.frozen_shardings is None:
+      return None
+    host = self.task.load_frozen()
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
+        host, self.frozen_shardings)
 
   @property
   def batch_sharding(self):
@@ -219,9 +230,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
     state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
+  frozen_shardings = None
+  if hasattr(task, "frozen_abstract"):
+    frozen_shardings = parallel.logical_to_sharding(task.frozen_abstract(), mesh, rules)
   return Setup(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                state_shardings=state_shardings, abstract_state=abstract_sharded, boxed_params=boxed_state.params,
-               init_fn=jax.jit(init_state, out_shardings=state_shardings))
+               init_fn=jax.jit(init_state, out_shardings=state_shardings), frozen_shardings=frozen_shardings)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, float]:
@@ -259,22 +273,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   metrics_lib.truncate_after(workdir, start_step)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  frozen = exp.load_frozen()
   eval_fn = (jax.jit(functools.partial(eval_step, task=task, global_batch=global_batch, seed=config.seed))
              if hasattr(task, "eval_metrics") else None)
   ctx = Context(config, workdir, mesh, writer, lambda: pipeline.create_iterator(
       config.dataset, split=config.dataset.eval_split, global_batch_size=global_batch, seed=config.seed,
-      train=False), eval_fn=eval_fn)
+      train=False), eval_fn=eval_fn, frozen=frozen)
 
   # --- Compile the step ahead of time.
   batch_sharding = exp.batch_sharding
   if config.parallelism == "pmap":
     step_fn, put_batch, put_state, get_state = _pmap_step(config, task, tx, schedule, mesh, global_batch)
     state = put_state(state)
+    frozen = put_state(frozen) if frozen is not None else None
   else:
     step_fn = jax.jit(
         functools.partial(train_step, task=task, tx=tx, schedule=schedule, config=config, global_batch=global_batch,
                           key_sharding=batch_sharding),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
+        in_shardings=(state_shardings, batch_sharding, exp.frozen_shardings), out_shardings=(state_shardings, None),
+        donate_argnums=0)
     put_batch = functools.partial(parallel.host_batch_to_global, sharding=batch_sharding)
     get_state = lambda s: s  # noqa: E731
 
@@ -288,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   first_batch = put_batch(next(data_iter))
   t0 = time.time()
   if config.parallelism == "jit":
-    compiled = step_fn.lower(state, first_batch).compile()
+    compiled = step_fn.lower(state, first_batch, frozen).compile()
     _log_compiled(compiled)
     step_fn = compiled
   logging.info("Compiled the train step in %.1fs.", time.time() - t0)
@@ -312,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   try:
     with ckpt_lib.PreemptionWatcher() as preemption:
       while step < config.total_steps:
-        state, device_metrics = step_fn(state, batch)
+        state, device_metrics = step_fn(state, batch, frozen)
         if config.parallelism == "pmap":
           device_metrics = jax.tree.map(lambda x: x[0], device_metrics)
         if pending is not None:
@@ -341,6 +358,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         if preempted:
           logging.warning("Preempted: saved step %d; exiting.", step)
           break
+        if is_last and hasattr(task, "export"):
+          # The finished model, for the next stage or for other tools: WORKDIR/export/ (weights/store.py).
+          from jax.experimental import multihost_utils
+          host_state = multihost_utils.process_allgather(get_state(state), tiled=True)
+          task.export(host_state, ctx)
         if step < config.total_steps:
           batch = put_batch(next(data_iter))
   finally:
@@ -421,7 +443,7 @@ def _evaluate(step, state, task, ctx, config, mesh, batch_sharding, writer) -> N
       if n != config.batch_size:
         break  # keep shapes static: the final partial batch is dropped
       batch = parallel.host_batch_to_global(local_batch, batch_sharding)
-      values = jax.device_get(fn(params, batch))
+      values = jax.device_get(fn(params, ctx.frozen, batch))
       for k, v in values.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       count += 1

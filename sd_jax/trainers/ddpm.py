@@ -57,11 +57,13 @@ class Task:
     return losses.diffusion_loss(model_output, x0, noise, t, self.schedule, prediction_type=d.prediction_type,
                                  min_snr_gamma=d.min_snr_gamma, reduce=False)
 
-  def loss(self, params, batch, keys):
+  def loss(self, params, frozen, batch, keys):
+    del frozen  # pixel-space: no frozen networks
     per_example = self._per_example(params, batch, keys)
     return jnp.mean(per_example), {}
 
-  def eval_metrics(self, params, batch, keys):
+  def eval_metrics(self, params, frozen, batch, keys):
+    del frozen
     return {"loss": jnp.mean(self._per_example(params, batch, keys))}
 
   def sample(self, params, rng, num_images: int, labels=None, num_steps: int | None = None):
