@@ -154,10 +154,12 @@ def export_diffusers(model_dir, out) -> list[str]:
   for extra in ("tokenizer", "scheduler"):
     if (model_dir / extra).is_dir():
       _copy_dir(model_dir / extra, out / extra)
-  classes = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+  unet_class = json.loads((out / "unet" / "config.json").read_text())["_class_name"] if "unet" in written else ""
+  classes = {"unet": ["diffusers", unet_class], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "DDIMScheduler"]}
-  model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0"}
+  pipeline_class = "StableDiffusionPipeline" if "text_encoder" in written else "DDPMPipeline"
+  model_index = {"_class_name": pipeline_class, "_diffusers_version": "0.30.0"}
   model_index.update({name: classes[name] for name in (*written, "tokenizer", "scheduler")
                       if (out / name).is_dir()})
   (out / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True))

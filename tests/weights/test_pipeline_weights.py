@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import diffusers
+import jax
 import numpy as np
 import pytest
 import torch
@@ -248,3 +249,21 @@ def test_sd2_style_single_file_with_open_clip_text(tmp_path):
   scheduler = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
   assert scheduler["prediction_type"] == "v_prediction"
   _assert_close(_sd_jax_outputs(tmp_path / "model"), _torch_outputs({"unet": unet, "vae": vae, "text_encoder": text}))
+
+
+def test_model_trained_here_loads_in_diffusers(data_dir, tmp_path):
+  """Train the pixel-space DDPM a few steps, export its EMA U-Net, load it with diffusers: same noise prediction."""
+  from sd_jax import train
+  config = helpers.load_config(total_steps=2, eval_every_steps=-1, **{"mesh.data": 1})
+  train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  result = _convert(f"--to_diffusers={tmp_path / 'run' / 'export'}", f"--out={tmp_path / 'diffusers'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  reference = diffusers.UNet2DModel.from_pretrained(tmp_path / "diffusers" / "unet").eval()
+  unet, params = pipeline.load_model(tmp_path / "run" / "export", components=("unet",))["unet"]
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  t = np.asarray([3, 900])
+  ours = np.asarray(unet.apply({"params": params}, x, t))
+  with torch.no_grad():
+    theirs = _nhwc(reference(_nchw(x), torch.from_numpy(t)).sample)
+  assert float(np.max(np.abs(ours - theirs))) <= TOL
+  assert json.loads((tmp_path / "diffusers" / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
