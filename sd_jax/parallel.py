@@ -112,3 +112,20 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
 def host_batch_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Per-host numpy batch -> global jax.Arrays sharded along the batch axis (works with several processes)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process reaches `name` (no-op with one process).
+
+  Uses the coordination service's key-value barrier, not a collective: collective back ends give up after a short
+  rendezvous timeout (gloo: 30 s), which a host still compiling a big step would miss.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # no public KV barrier in JAX 0.10/0.11
+  client = distributed.global_state.client
+  if client is None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+  else:
+    client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -309,6 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     _log_compiled(compiled)
     step_fn = compiled
   logging.info("Compiled the train step in %.1fs.", time.time() - t0)
+  parallel.sync_processes("sd_jax_train_step_compiled")  # hosts compile at different speeds
 
   progress = metrics_lib.Progress(start_step, config.total_steps)
   pending = None  # (step, device metrics) of the previous step, fetched one step late
@@ -433,6 +434,7 @@ def _log_compiled(compiled) -> None:
 def _evaluate(step, state, task, ctx, config, mesh, batch_sharding, writer) -> None:
   """Held-out metrics (averaged over the eval split) and the trainer's own evaluation hook."""
   results: dict[str, float] = {}
+  parallel.sync_processes(f"sd_jax_eval_{step}")
   if ctx.eval_fn is not None:
     params = state.ema_params if state.ema_params is not None else state.params
     fn = ctx.eval_fn
