@@ -22,7 +22,7 @@ Layout is NHWC throughout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -628,3 +628,22 @@ class TimestepEmbedding(nn.Module):
     x = dense(self.time_embed_dim, ("embed", "mlp"), name="linear_1", **kw)(x)
     x = activation(self.act_fn)(x)
     return dense(self.out_dim or self.time_embed_dim, ("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+def normalize_field(value: Any) -> Any:
+  """Lists (from JSON / ml_collections) -> tuples so a module stays hashable."""
+  if isinstance(value, (list, tuple)):
+    return tuple(normalize_field(v) for v in value)
+  return value
+
+
+def check_module_fields(cfg: Mapping[str, Any], fields: frozenset, what: str) -> dict[str, Any]:
+  """Module config dict with unknown keys rejected, lists as tuples and dtype names as dtypes."""
+  unknown = sorted(set(cfg) - fields)
+  if unknown:
+    raise ValueError(f"unknown {what} config keys {unknown}; valid keys: {sorted(fields)}")
+  out = {k: normalize_field(v) for k, v in cfg.items()}
+  for key in ("dtype", "param_dtype"):
+    if key in out and out[key] is not None:
+      out[key] = jnp.dtype(out[key])  # accepts "bfloat16", jnp.bfloat16, np.dtype
+  return out

@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sd_jax.models import layers
 from sd_jax.models.layers import (
     Array,
     Attention,
@@ -570,22 +571,8 @@ def unet_config(name: str, **overrides: Any) -> dict[str, Any]:
   return _check_fields({**UNET_CONFIGS[name], **overrides})
 
 
-def _normalize(value: Any) -> Any:
-  """Lists (from JSON / ml_collections) → tuples so the module stays hashable."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_normalize(v) for v in value)
-  return value
-
-
 def _check_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  unknown = sorted(set(cfg) - _FIELDS)
-  if unknown:
-    raise ValueError(f"unknown U-Net config keys {unknown}; valid keys: {sorted(_FIELDS)}")
-  out = {k: _normalize(v) for k, v in cfg.items()}
-  for key in ("dtype", "param_dtype"):
-    if key in out and out[key] is not None:
-      out[key] = jnp.dtype(out[key])  # accepts "bfloat16", jnp.bfloat16, np.dtype
-  return out
+  return layers.check_module_fields(cfg, _FIELDS, "U-Net")
 
 
 def create_unet(config: str | Mapping[str, Any] = "sd15", **overrides: Any) -> UNet2DConditionModel:

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax.models import layers
 from sd_jax.models.layers import (
     Array,
     Attention,
@@ -446,22 +447,8 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
 _FIELDS = frozenset(f for f in AutoencoderKL.__dataclass_fields__ if f not in ("parent", "name"))
 
 
-def _normalize(value: Any) -> Any:
-  """Lists (from JSON / ml_collections) → tuples so the module stays hashable."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_normalize(v) for v in value)
-  return value
-
-
 def _check_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  unknown = sorted(set(cfg) - _FIELDS)
-  if unknown:
-    raise ValueError(f"unknown VAE config keys {unknown}; valid keys: {sorted(_FIELDS)}")
-  out = {k: _normalize(v) for k, v in cfg.items()}
-  for key in ("dtype", "param_dtype"):
-    if key in out and out[key] is not None:
-      out[key] = jnp.dtype(out[key])  # accepts "bfloat16", jnp.bfloat16, np.dtype
-  return out
+  return layers.check_module_fields(cfg, _FIELDS, "VAE")
 
 
 def vae_config(name: str, **overrides: Any) -> dict[str, Any]:
