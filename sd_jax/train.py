@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from sd_jax import metrics as metrics_lib
 from sd_jax import parallel
 from sd_jax import trainers
 from sd_jax.data import pipeline
+
+EXPORT_DIR = "export"  # WORKDIR/export: the finished model (sd_jax/weights/store.py), written by `task.export`
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -106,12 +109,21 @@ def _apply_update(state: TrainState, grads, loss, metrics, *, tx, schedule, conf
   return new_state, metrics
 
 
+def _loss_fn(task, step):
+  """task.loss, given the step when it takes one (`loss(params, frozen, batch, keys, step=None)`: e.g. the VAE's
+  discriminator start)."""
+  if "step" in inspect.signature(task.loss).parameters:
+    return functools.partial(task.loss, step=step)
+  return task.loss
+
+
 def train_step(state: TrainState, batch, frozen, *, task, tx, schedule, config, global_batch: int,
                key_sharding=None):
   keys = _example_keys(state, global_batch)
   if key_sharding is not None:
     keys = jax.lax.with_sharding_constraint(keys, key_sharding)
-  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, keys)
+  loss_fn = _loss_fn(task, state.step)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, keys)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
 
@@ -120,7 +132,8 @@ def train_step_pmap(state: TrainState, batch, frozen, *, task, tx, schedule, con
   local = jax.tree.leaves(batch)[0].shape[0]
   index = jax.lax.axis_index(axis)
   keys = jax.lax.dynamic_slice_in_dim(_example_keys(state, global_batch), index * local, local)
-  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, keys)
+  loss_fn = _loss_fn(task, state.step)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, keys)
   grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
@@ -252,7 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                mesh.devices.flat[0].platform, jax.process_count())
   global_batch = config.batch_size
 
-  # --- Data.
+  # --- Data (a task may first write derived data, e.g. the ldm trainer's precomputed latents).
+  if hasattr(task, "prepare_data"):
+    task.prepare_data()
   data_iter = pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
                                        global_batch_size=global_batch, seed=config.seed, train=True)
 
@@ -298,6 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   last_metrics: dict[str, float] = {}
   if start_step >= config.total_steps:
     logging.info("Nothing to do: step %d >= total_steps %d.", start_step, config.total_steps)
+    from sd_jax.weights import store  # pylint: disable=import-outside-toplevel
+    if hasattr(task, "export") and not (workdir / EXPORT_DIR / store.INDEX_FILE).exists():
+      logging.info("The finished run has no %s/ (stopped while exporting?): exporting now.", EXPORT_DIR)
+      _export(task, state, ctx)
     checkpointer.close()
     writer.close()
     return last_metrics
@@ -360,16 +379,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
           logging.warning("Preempted: saved step %d; exiting.", step)
           break
         if is_last and hasattr(task, "export"):
-          # The finished model, for the next stage or for other tools: WORKDIR/export/ (weights/store.py).
-          from jax.experimental import multihost_utils
-          host_state = multihost_utils.process_allgather(get_state(state), tiled=True)
-          task.export(host_state, ctx)
+          _export(task, get_state(state), ctx)
         if step < config.total_steps:
           batch = put_batch(next(data_iter))
   finally:
     checkpointer.close()
     writer.close()
   return last_metrics
+
+
+def _export(task, state: TrainState, ctx: Context) -> None:
+  """The finished model, for the next stage or for other tools: WORKDIR/export/ (sd_jax/weights/store.py)."""
+  from jax.experimental import multihost_utils
+  host_state = multihost_utils.process_allgather(state, tiled=True)
+  task.export(host_state, ctx)
 
 
 def _init_from(state: TrainState, config, boxed_params, state_shardings, tx) -> TrainState:

@@ -47,6 +47,11 @@ can go straight to devices; captions (for logging or prompts) come from
   tokenizer = ""            "" -> no tokens; else a CLIP tokenizer directory
                             (vocab.json + merges.txt, see tokenizer.py).
   max_text_len = 77         token sequence length.
+  precomputed_dir = ""      a directory of precomputed VAE posteriors and text
+                            contexts (sd_jax/data/precomputed.py, written by
+                            the ldm trainer's `ldm.precompute_dir`): batches
+                            are read from it instead of the images, in the same
+                            order ({"latent_mean", "latent_logvar", "context"}).
   num_workers = 0           grain worker processes (0 = in the main process).
   prefetch = 2              batches assembled ahead by threads; 0 = synchronous.
 
@@ -119,6 +124,7 @@ _DEFAULTS = dict(
     random_flip=False,
     tokenizer="",
     max_text_len=77,
+    precomputed_dir="",
     num_workers=0,
     prefetch=2,
 )
@@ -476,7 +482,7 @@ def _check_keys(cfg, source: _Source) -> None:
 # Host sharding.
 
 
-class _HostBlocks(grain.MapDataset):
+class HostBlocks(grain.MapDataset):
   """This host's rows of every global batch (see "Order, sharding" above).
 
   Local index i -> global index (i // B) * G + p * B + i % B, with B rows per
@@ -517,7 +523,7 @@ class _HostBlocks(grain.MapDataset):
     return {**self._parent[0], "mask": np.bool_(False)}
 
   def __str__(self) -> str:
-    return f"_HostBlocks(process={self._p}, rows={self._b}, global={self._g})"
+    return f"HostBlocks(process={self._p}, rows={self._b}, global={self._g})"
 
 
 # ----------------------------------------------------------------------------
@@ -583,7 +589,7 @@ def create_dataset(dataset_config, *, split: str, global_batch_size: int,
     ds = ds.random_map(preprocess, seed=augment_seed)
   else:
     ds = ds.map(preprocess)
-  ds = _HostBlocks(ds, process_index=process_index, process_count=process_count,
+  ds = HostBlocks(ds, process_index=process_index, process_count=process_count,
                    local_batch=local_batch, pad=pad_remainder)
   return ds.batch(local_batch, drop_remainder=drop_remainder)
 
@@ -623,6 +629,14 @@ def create_iterator(dataset_config, *, split: str, global_batch_size: int,
     ValueError / FileNotFoundError: bad config, split, feature key or data.
   """
   cfg = _resolve_config(dataset_config)
+  if cfg.precomputed_dir:
+    from sd_jax.data import precomputed  # pylint: disable=import-outside-toplevel  (it imports this module)
+    if pad_remainder:
+      raise ValueError("dataset.precomputed_dir: precomputed splits are read without padding (pad_remainder)")
+    return precomputed.create_iterator(
+        cfg.precomputed_dir, split=split, global_batch_size=global_batch_size, seed=seed, train=train,
+        process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
+        prefetch=int(cfg.prefetch))
   ds = create_dataset(cfg, split=split, global_batch_size=global_batch_size,
                       seed=seed, train=train, process_index=process_index,
                       process_count=process_count,

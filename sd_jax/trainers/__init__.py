@@ -22,7 +22,10 @@ Each trainer module defines `Task(config)` with one small interface the shared l
 import importlib
 
 TRAINERS = {
+    "clip": "sd_jax.trainers.clip",
     "ddpm": "sd_jax.trainers.ddpm",
+    "ldm": "sd_jax.trainers.ldm",
+    "vae": "sd_jax.trainers.vae",
 }
 
 

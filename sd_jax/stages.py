@@ -1,0 +1,227 @@
+"""Stable Diffusion from scratch on the shapes dataset: VAE → CLIP → latent diffusion, then a held-out evaluation.
+
+  python -m sd_jax.stages --preset=demo --workdir=workdirs/demo     # README's first command (minutes on a CPU)
+  python -m sd_jax.stages --preset=full --workdir=workdirs/full     # the quality bar (about an hour on 2 cores)
+
+Each stage is the ordinary training command, run as its own process and printed before it runs:
+
+  python -m sd_jax.main --config=configs/shapes_vae.py:PRESET  --workdir=WORKDIR/vae
+  python -m sd_jax.main --config=configs/shapes_clip.py:PRESET --workdir=WORKDIR/clip
+  python -m sd_jax.main \
+      --config=configs/shapes_ldm.py:PRESET,vae_from=WORKDIR/vae/export,text_from=WORKDIR/clip/export \
+      --workdir=WORKDIR/ldm
+
+so rerunning the same command resumes an interrupted stage and skips finished ones (a run at total_steps does no
+work). Then the finished model (WORKDIR/ldm/export) draws one image for each of the first `--num_prompts` captions
+of the `test` split (compositions seen in training) and of the `compositional` split (colour × kind pairs never seen
+in training), with DDIM and classifier-free guidance, and the shapes evaluator (sd_jax/eval/shapes_eval.py: a
+classifier trained on the renderer's ground truth, not on any model here) checks that every shape the prompt names
+is there, colour and kind. It writes
+
+  WORKDIR/samples_heldout.png   labelled grid: the first prompts of each split, two images each
+  WORKDIR/summary.json          accuracies, the other stages' final metrics, wall and CPU time per stage
+  WORKDIR/summary.md            the same as a short table
+
+The evaluator is trained once (about 2 minutes on 2 cores) and cached in --evaluator_dir (default: beside the
+shapes dataset, ~/.cache/sd_jax/shapes_evaluator, or $SD_JAX_DATA_DIR/../shapes_evaluator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("vae", "clip", "ldm")
+PRESETS = ("demo", "full", "runlocal")
+HELDOUT_SPLITS = ("test", "compositional")
+
+
+def _config_arg(preset: str) -> str:
+  return "" if preset == "full" else preset
+
+
+def stage_command(stage: str, preset: str, workdir: Path, overrides: Sequence[str] = ()) -> list[str]:
+  """The training command of one stage (what a user would type)."""
+  arg = _config_arg(preset)
+  if stage == "ldm":
+    extra = f"vae_from={workdir / 'vae' / 'export'},text_from={workdir / 'clip' / 'export'}"
+    arg = f"{arg},{extra}" if arg else extra
+  config = REPO / "configs" / f"shapes_{stage}.py"
+  if not config.exists():
+    raise FileNotFoundError(f"{config} is missing: run from a checkout of the repository (pip install -e .).")
+  spec = f"{config}:{arg}" if arg else str(config)
+  return [sys.executable, "-m", "sd_jax.main", f"--config={spec}", f"--workdir={workdir / stage}", *overrides]
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def run_stage(stage: str, preset: str, workdir: Path, overrides: Sequence[str] = ()) -> dict[str, float]:
+  """Runs one stage to completion (resuming if interrupted); its output goes to the console and WORKDIR/logs/."""
+  command = stage_command(stage, preset, workdir, overrides)
+  print(f"\n=== stage {stage}: {shlex.join(command)}", flush=True)
+  (workdir / "logs").mkdir(parents=True, exist_ok=True)
+  wall, cpu = time.time(), _cpu_seconds()
+  with open(workdir / "logs" / f"{stage}.log", "a") as log:
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+      log.write(line)
+      sys.stdout.write(line)
+    process.wait()
+  if process.returncode:
+    raise SystemExit(f"stage {stage} failed (exit {process.returncode}); see {workdir / 'logs' / f'{stage}.log'}. "
+                     "Fix the cause and rerun the same command: finished stages are skipped, this one resumes.")
+  return {"wall_seconds": round(time.time() - wall, 1), "cpu_seconds": round(_cpu_seconds() - cpu, 1)}
+
+
+def default_evaluator_dir() -> str:
+  from sd_jax.data import pipeline
+  return os.path.join(os.path.dirname(pipeline.default_data_dir()), "shapes_evaluator")
+
+
+def load_or_train_evaluator(directory: str, *, steps: int | None = None):
+  """The shapes evaluator from `directory`, trained there first if absent (its report.json says how good it is)."""
+  from sd_jax.eval import shapes_eval
+  path = Path(directory)
+  if not (path / "report.json").exists():
+    print(f"\n=== training the shapes evaluator into {path} (once)", flush=True)
+    kwargs = {"steps": steps} if steps else {}
+    report = shapes_eval.train_evaluator(str(path), overwrite=True, **kwargs)
+    print(report.summary(), flush=True)
+  return shapes_eval.load_evaluator(str(path)), json.loads((path / "report.json").read_text())
+
+
+def heldout_prompts(dataset: dict[str, Any], split: str, count: int) -> list[str]:
+  from sd_jax.data import pipeline
+  info = pipeline.dataset_info(dataset, split)
+  return [info.captions(i) for i in range(min(count, info.num_examples))]
+
+
+def evaluate_model(model_dir, dataset: dict[str, Any], evaluator, *, num_prompts: int, steps: int, guidance: float,
+                   seed: int, batch_size: int = 64, grid_prompts: int = 8, grid_path: Path | None = None
+                   ) -> dict[str, Any]:
+  """Shapes accuracy of generated images on the first `num_prompts` captions of each held-out split."""
+  import numpy as np
+  from sd_jax import images as images_lib
+  from sd_jax import sample as sample_lib
+  from sd_jax.trainers import ldm
+  pipe = sample_lib.Pipeline.from_model_dir(model_dir)
+  results: dict[str, Any] = {}
+  grid_images, grid_labels = [], []
+  for split in HELDOUT_SPLITS:
+    prompts = heldout_prompts(dataset, split, num_prompts)
+    start = time.time()
+    images = pipe.generate(prompts, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
+    seconds = time.time() - start
+    score = evaluator.score(images, prompts)
+    results[split] = {"accuracy": float(score.accuracy), "num_prompts": len(prompts), "sample_seconds":
+                      round(seconds, 1)}
+    print(f"{split}: {score.accuracy:.3f} of {len(prompts)} generated images show every shape their prompt names "
+          f"(colour and kind)", flush=True)
+    k = min(grid_prompts, len(prompts))
+    pairs = pipe.generate(prompts[:k], num_images=2, steps=steps, guidance=guidance, seed=seed + 1)
+    grid_images.append(pairs.reshape(k, 2, *pairs.shape[1:]))
+    grid_labels += [f"[{split}] {p}" for p in prompts[:k]]
+  if grid_path is not None:
+    grid = ldm.labeled_grid(np.concatenate(grid_images), grid_labels, tile=64)
+    images_lib.save_png(grid, grid_path)
+  return results
+
+
+def _final_metrics(workdir: Path) -> dict[str, float]:
+  from sd_jax import metrics
+  last: dict[str, float] = {}
+  for row in metrics.read_metrics(workdir):
+    last.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
+  return last
+
+
+def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+  lines = [f"# shapes {summary['preset']}: VAE → CLIP → LDM", "", "| stage | key metrics | wall | CPU |",
+           "|---|---|---|---|"]
+  picks = {"vae": ("eval_psnr", "eval_l1"), "clip": ("eval_zeroshot_acc", "eval_t2i_r1", "eval_t2i_r5",
+                                                      "eval_compositional_zeroshot_acc"),
+           "ldm": ("loss", "eval_loss")}
+  for stage in STAGES:
+    final = summary["stages"].get(stage, {}).get("final", {})
+    shown = ", ".join(f"{k} {final[k]:.4g}" for k in picks[stage] if k in final)
+    times = summary["stages"].get(stage, {}).get("time", {})
+    lines.append(f"| {stage} | {shown} | {times.get('wall_seconds', '-')} s | {times.get('cpu_seconds', '-')} s |")
+  lines += ["", "| held-out split | shapes accuracy (colour and kind of every named shape) | prompts |",
+            "|---|---|---|"]
+  for split, r in summary["heldout"].items():
+    lines.append(f"| {split} | {r['accuracy']:.3f} | {r['num_prompts']} |")
+  ev = summary.get("evaluator", {})
+  if ev:
+    lines += ["", f"Evaluator's own accuracy on real images: test {ev.get('test')}, compositional "
+              f"{ev.get('compositional')}."]
+  lines += ["", f"Sampling: DDIM {summary['sampling']['steps']} steps, guidance {summary['sampling']['guidance']}. "
+            f"Total wall time {summary['total_wall_seconds']} s."]
+  (workdir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m sd_jax.stages", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", choices=PRESETS, default="demo", help="config variant of every stage")
+  parser.add_argument("--workdir", required=True, help="holds vae/, clip/, ldm/ and the summary")
+  parser.add_argument("--evaluator_dir", default=None, help="shapes evaluator cache (trained here if absent)")
+  parser.add_argument("--evaluator_steps", type=int, default=None, help="evaluator training steps (default 1500)")
+  parser.add_argument("--num_prompts", type=int, default=None,
+                      help="held-out prompts per split (default: 200 demo, 1000 full, 8 runlocal)")
+  parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+  parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--stage_override", action="append", default=[], metavar="STAGE:--config.KEY=VALUE",
+                      help="an extra flag for one stage's command, e.g. ldm:--config.total_steps=100")
+  args = parser.parse_args(argv)
+
+  workdir = Path(args.workdir).expanduser().resolve()
+  workdir.mkdir(parents=True, exist_ok=True)
+  overrides: dict[str, list[str]] = {s: [] for s in STAGES}
+  for item in args.stage_override:
+    stage, _, flag = item.partition(":")
+    if stage not in STAGES or not flag.startswith("--"):
+      parser.error(f"--stage_override={item!r}: use STAGE:--config.KEY=VALUE with STAGE one of {STAGES}.")
+    overrides[stage].append(flag)
+  num_prompts = args.num_prompts or {"demo": 200, "full": 1000, "runlocal": 8}[args.preset]
+
+  start = time.time()
+  summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}}
+  for stage in STAGES:
+    timing = run_stage(stage, args.preset, workdir, overrides[stage])
+    summary["commands"][stage] = shlex.join(stage_command(stage, args.preset, workdir, overrides[stage])[1:])
+    summary["stages"][stage] = {"time": timing, "final": _final_metrics(workdir / stage)}
+
+  evaluator, report = load_or_train_evaluator(args.evaluator_dir or default_evaluator_dir(),
+                                              steps=args.evaluator_steps)
+  summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
+  dataset = json.loads((workdir / "ldm" / "config.json").read_text())["dataset"]
+  dataset["precomputed_dir"] = ""
+  print(f"\n=== held-out evaluation: {num_prompts} prompts per split", flush=True)
+  eval_start = time.time()
+  summary["heldout"] = evaluate_model(workdir / "ldm" / "export", dataset, evaluator, num_prompts=num_prompts,
+                                      steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                      grid_path=workdir / "samples_heldout.png")
+  summary["sampling"] = {"sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                         "eval_wall_seconds": round(time.time() - eval_start, 1)}
+  summary["total_wall_seconds"] = round(time.time() - start, 1)
+  write_summary(workdir, summary)
+  print(f"\n{(workdir / 'summary.md').read_text()}\nSamples: {workdir / 'samples_heldout.png'}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
