@@ -16,7 +16,8 @@ of the jitted function (not baked into `model_fn` as constants):
       guided = classifier_free_guidance(model_fn, context, uncond_context, guidance_scale=7.5)
       return ddim_sample(guided, schedule, rng, (8, 64, 64, 4), num_inference_steps=50)
 
-A fuller sampler suite (DPM-Solver, Euler, ...) lives elsewhere; this file is self-contained on purpose.
+The full sampler suite (DDPM, DPM-Solver++ 2M, Euler, Euler-a, guidance rescale, img2img, one `sample` entry point)
+is sd_jax/diffusion/samplers.py, which runs its DDIM steps through `ddim_step` and `ddim_timesteps` from here.
 """
 
 from __future__ import annotations
