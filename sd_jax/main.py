@@ -7,6 +7,10 @@ Multi-host:
   * TPU pods: `--jax_distributed` (JAX finds the coordinator itself).
   * GPU/CPU clusters: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the environment
     variables SD_JAX_COORDINATOR_ADDRESS / SD_JAX_NUM_PROCESSES / SD_JAX_PROCESS_ID, as a launcher sets them).
+  * SLURM: `srun ... python -m sd_jax.main ... --slurm` (or SD_JAX_SLURM=1), one process per srun task: the
+    coordinator is the first host of the step's node list (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST) on
+    `--coordinator_port` (SD_JAX_COORDINATOR_PORT; default derived from SLURM_JOB_ID), the process id is
+    SLURM_PROCID and the process count SLURM_NTASKS. Explicit flags above take precedence.
 """
 
 from __future__ import annotations
@@ -28,7 +32,44 @@ flags.DEFINE_integer("num_processes", int(os.environ.get("SD_JAX_NUM_PROCESSES",
                      "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", int(os.environ["SD_JAX_PROCESS_ID"]) if "SD_JAX_PROCESS_ID" in os.environ
                      else None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("slurm", os.environ.get("SD_JAX_SLURM", "").lower() in ("1", "true", "yes"),
+                  "Take the multi-process set-up from SLURM's environment (one process per srun task).")
+flags.DEFINE_integer("coordinator_port", int(os.environ.get("SD_JAX_COORDINATOR_PORT", "0")) or None,
+                     "Coordinator port for --slurm (default: 61440 + SLURM_JOB_ID mod 4096).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def first_host(nodelist: str) -> str:
+  """The first host of a SLURM node list: "node[003-005,009],gpu1" -> "node003", "r[1-2]-n[07-08]" -> "r1-n07"."""
+  depth, end = 0, len(nodelist)
+  for i, ch in enumerate(nodelist):
+    depth += (ch == "[") - (ch == "]")
+    if ch == "," and depth == 0:
+      end = i
+      break
+  host, text = "", nodelist[:end]
+  while "[" in text:
+    before, _, rest = text.partition("[")
+    inside, _, text = rest.partition("]")
+    host += before + inside.split(",")[0].split("-")[0]
+  return (host + text).strip()
+
+
+def slurm_settings(environ, port: int | None = None) -> tuple[str | None, int | None, int | None]:
+  """(coordinator address, process count, process id) of this srun task; (None, None, None) for a single task."""
+  missing = [k for k in ("SLURM_PROCID", "SLURM_NTASKS") if k not in environ]
+  nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+  if missing or not nodelist:
+    missing += [] if nodelist else ["SLURM_JOB_NODELIST"]
+    raise ValueError(f"--slurm: {', '.join(missing)} not set. Start one process per task with srun inside an "
+                     "allocation (sbatch / salloc), or drop --slurm and pass --coordinator_address, "
+                     "--num_processes and --process_id.")
+  num_processes = int(environ["SLURM_NTASKS"])
+  if num_processes == 1:
+    return None, None, None
+  if not port:
+    port = 61440 + int(environ.get("SLURM_JOB_ID", "0")) % 4096  # the top of the ephemeral range, per job
+  return f"{first_host(nodelist)}:{port}", num_processes, int(environ["SLURM_PROCID"])
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, auto=False) -> None:
@@ -57,7 +98,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.jax_distributed)
+  address, num_processes, process_id = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  if FLAGS.slurm:
+    try:
+      slurm = slurm_settings(os.environ, FLAGS.coordinator_port)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    address = address or slurm[0]
+    num_processes = num_processes or slurm[1]
+    process_id = process_id if process_id is not None else slurm[2]
+  initialize_distributed(address, num_processes, process_id, FLAGS.jax_distributed)
   import jax
   from sd_jax import train
   logging.info("JAX %s, process %d of %d, %d local / %d global devices.", jax.__version__, jax.process_index(),
