@@ -106,6 +106,11 @@ def get_config(arg=None):
       steps_offset=1,           # added to "leading" timesteps (SD's scheduler: 1; diffusers warns otherwise)
       set_alpha_to_one=True,    # ᾱ after the last step: 1, or ᾱ_0 (SD's scheduler: False)
       tile_size=96,             # pixels per image in the grid (nearest-neighbour upscaling)
+      # A shapes evaluator directory (python -m sd_jax.eval.shapes_eval --out DIR): at every evaluation, images
+      # drawn for the first shapes_eval_prompts captions of the eval and compositional splits are checked for the
+      # colour and kind of every shape named (eval_shapes_acc_*). "" = off.
+      shapes_evaluator="",
+      shapes_eval_prompts=64,
   ))
 
   if arg.demo:

@@ -22,8 +22,9 @@ is there, colour and kind. It writes
   WORKDIR/summary.json          accuracies, the other stages' final metrics, wall and CPU time per stage
   WORKDIR/summary.md            the same as a short table
 
-The evaluator is trained once (about 2 minutes on 2 cores) and cached in --evaluator_dir (default: beside the
-shapes dataset, ~/.cache/sd_jax/shapes_evaluator, or $SD_JAX_DATA_DIR/../shapes_evaluator).
+The evaluator is trained first, once (about 2 minutes on 2 cores), and cached in --evaluator_dir (default: beside
+the shapes dataset, ~/.cache/sd_jax/shapes_evaluator, or $SD_JAX_DATA_DIR/../shapes_evaluator); the ldm stage also
+uses it to report the accuracy of its samples at every evaluation (eval_shapes_acc_test / _compositional).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
            "|---|---|---|---|"]
   picks = {"vae": ("eval_psnr", "eval_l1"), "clip": ("eval_zeroshot_acc", "eval_t2i_r1", "eval_t2i_r5",
                                                       "eval_compositional_zeroshot_acc"),
-           "ldm": ("loss", "eval_loss")}
+           "ldm": ("loss", "eval_loss", "eval_shapes_acc_test", "eval_shapes_acc_compositional")}
   for stage in STAGES:
     final = summary["stages"].get(stage, {}).get("final", {})
     shown = ", ".join(f"{k} {final[k]:.4g}" for k in picks[stage] if k in final)
@@ -200,14 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   start = time.time()
   summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}}
+  evaluator_dir = args.evaluator_dir or default_evaluator_dir()
+  evaluator, report = load_or_train_evaluator(evaluator_dir, steps=args.evaluator_steps)
+  summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
+  # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*).
+  overrides["ldm"].insert(0, f"--config.sample.shapes_evaluator={evaluator_dir}")
   for stage in STAGES:
     timing = run_stage(stage, args.preset, workdir, overrides[stage])
     summary["commands"][stage] = shlex.join(stage_command(stage, args.preset, workdir, overrides[stage])[1:])
     summary["stages"][stage] = {"time": timing, "final": _final_metrics(workdir / stage)}
 
-  evaluator, report = load_or_train_evaluator(args.evaluator_dir or default_evaluator_dir(),
-                                              steps=args.evaluator_steps)
-  summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
   dataset = json.loads((workdir / "ldm" / "config.json").read_text())["dataset"]
   dataset["precomputed_dir"] = ""
   print(f"\n=== held-out evaluation: {num_prompts} prompts per split", flush=True)

@@ -234,6 +234,7 @@ class Task:
     self._text_abstract = jax.eval_shape(self.text.init, rng, **self.text.example_inputs())["params"]
     self._sample_fn = None  # jitted sample grid, compiled at the first evaluation
     self._prompts = None
+    self._evaluator = None  # the shapes evaluator, loaded at the first evaluation that uses it
 
   def prepare_data(self) -> None:
     """With ldm.precompute_dir: encodes the train and eval splits once (reused by later runs; see `precompute`)."""
@@ -353,9 +354,10 @@ class Task:
     images = self.vae.apply({"params": frozen["vae"]}, self.vae.unscale_latents(latents), method="decode")
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
-  def sample(self, params, frozen, prompts: Sequence[str], rng, mesh=None) -> np.ndarray:
-    """uint8 [P, K, H, W, 3]: sample.images_per_prompt images for each prompt (EMA params in evaluation)."""
-    k = self.config.sample.images_per_prompt
+  def sample(self, params, frozen, prompts: Sequence[str], rng, mesh=None, images_per_prompt: int | None = None
+             ) -> np.ndarray:
+    """uint8 [P, K, H, W, 3]: K = sample.images_per_prompt images for each prompt (EMA params in evaluation)."""
+    k = images_per_prompt or self.config.sample.images_per_prompt
     tokens = np.repeat(self.nets.tokenizer(list(prompts)), k, axis=0)
     if self._sample_fn is None:
       # Replicated output: every process can read the images (multi-host).
@@ -364,11 +366,30 @@ class Task:
     images = np.asarray(jax.device_get(self._sample_fn(params, frozen, tokens, rng)))
     return images_lib.to_uint8(images).reshape(len(prompts), k, *images.shape[1:])
 
+  def shapes_accuracy(self, params, frozen, rng, mesh=None) -> dict[str, float]:
+    """eval_shapes_acc_{split}: the fraction of images drawn for the first sample.shapes_eval_prompts captions of
+    each held-out split that show every shape the caption names, colour and kind (sd_jax/eval/shapes_eval.py)."""
+    from sd_jax.eval import shapes_eval  # pylint: disable=import-outside-toplevel
+    s = self.config.sample
+    if self._evaluator is None:
+      self._evaluator = shapes_eval.load_evaluator(s.shapes_evaluator)
+    results = {}
+    for split in (self.config.dataset.eval_split, "compositional"):
+      info = data_pipeline.dataset_info(self.config.dataset, split)
+      prompts = [info.captions(i) for i in range(min(s.shapes_eval_prompts, info.num_examples))]
+      images = self.sample(params, frozen, prompts, rng, mesh, images_per_prompt=1)[:, 0]
+      results[f"eval_shapes_acc_{split}"] = float(self._evaluator.score(images, prompts).accuracy)
+    return results
+
   def on_eval(self, step, state, ctx):
-    """A labelled sample grid with the EMA params: WORKDIR/samples/step_*.png and TensorBoard."""
-    if not train_lib.due(step, self.config.sample_every_steps, step == self.config.total_steps):
-      return {}
+    """Shapes accuracy of samples (with sample.shapes_evaluator) and a labelled sample grid with the EMA params:
+    WORKDIR/samples/step_*.png and TensorBoard."""
     params = state.ema_params if state.ema_params is not None else state.params
+    results = {}
+    if self.config.sample.get("shapes_evaluator") and self.config.dataset.name == "shapes":
+      results = self.shapes_accuracy(params, ctx.frozen, jax.random.PRNGKey(self.config.seed + 1), ctx.mesh)
+    if not train_lib.due(step, self.config.sample_every_steps, step == self.config.total_steps):
+      return results
     prompts = self.sample_prompts()
     images = self.sample(params, ctx.frozen, prompts, jax.random.PRNGKey(self.config.seed), ctx.mesh)
     grid = labeled_grid(images, prompts, tile=self.config.sample.tile_size)
@@ -377,7 +398,7 @@ class Task:
       out.mkdir(parents=True, exist_ok=True)
       images_lib.save_png(grid, out / f"step_{step:07d}.png")
       ctx.writer.write_image(step, "samples", grid)
-    return {}
+    return results
 
   # -- export --------------------------------------------------------------------------------------------------
 
@@ -416,7 +437,8 @@ class Task:
       (tmp / "scheduler").mkdir()
       (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config(), indent=2))
       store.write_index(tmp, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
-                        source=f"sd_jax ldm run {workdir} at step {int(host_state.step)}")
+                        source=f"sd_jax ldm run {workdir} at step {int(host_state.step)}",
+                        text_clip_skip=self.nets.clip_skip)
       if final.exists():
         shutil.rmtree(final)
       tmp.rename(final)

@@ -76,13 +76,21 @@ def load_component(model_dir, name: str, *, shardings: Any = None) -> tuple[dict
   return config_fields, restored["params"]
 
 
-def write_index(out_dir, components: dict[str, str], source: str) -> None:
-  """`components`: name -> module kind (e.g. {"unet": "UNet2DConditionModel"})."""
+def write_index(out_dir, components: dict[str, str], source: str, text_clip_skip: int | None = None) -> None:
+  """`components`: name -> module kind (e.g. {"unet": "UNet2DConditionModel"}). `text_clip_skip`: the text tower
+  layer the U-Net was trained on (0 = the last; k = layer N - k, final-normed), read back by `read_clip_skip`."""
   path = epath.Path(out_dir) / INDEX_FILE
   index = json.loads(path.read_text()) if path.exists() else {"components": {}}
   index["components"].update(components)
   index["source"] = source
+  if text_clip_skip is not None:
+    index["text_clip_skip"] = int(text_clip_skip)
   path.write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def read_clip_skip(model_dir) -> int:
+  """The text layer the model directory's U-Net was trained on (0 = the last; see `write_index`)."""
+  return int(read_index(model_dir).get("text_clip_skip", 0))
 
 
 def read_index(model_dir) -> dict[str, Any]:

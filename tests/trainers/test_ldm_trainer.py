@@ -167,6 +167,7 @@ def test_export_is_a_complete_model_directory(stages, reference, trained, tmp_pa
   export = reference / "export"
   models = weights_pipeline.load_model(export)
   assert sorted(models) == ["text_encoder", "unet", "vae"]
+  assert store.read_clip_skip(export) == trained["config"].ldm.clip_skip  # the context the U-Net was trained on
   unet, unet_params = models["unet"]
   assert unet == trained["task"].model  # same fields: derived channels, context width and latent size included
   final = trained["state"]
@@ -298,3 +299,50 @@ def test_training_from_precomputed_latents_matches_the_image_run(stages, referen
   got, want = helpers.losses(workdir), helpers.losses(reference)
   assert sorted(got) == [1, 2]
   np.testing.assert_allclose([got[1], got[2]], [want[1], want[2]], rtol=1e-5)
+
+
+def test_sample_pipeline_and_heldout_evaluation_of_the_export(stages, trained, reference, tmp_path):
+  """sd_jax.sample.Pipeline on the exported directory draws what the trainer's own sampler draws, and
+  sd_jax.stages scores held-out prompts with the shapes evaluator and writes the labelled grid."""
+  from sd_jax import images as images_lib
+  from sd_jax import sample as sample_lib
+  from sd_jax import stages as stages_lib
+  from sd_jax.eval import shapes_eval
+  config, task = trained["config"], trained["task"]
+  pipe = sample_lib.Pipeline.from_workdir(reference)
+  prompts = ["a red circle", "a small blue square"]
+  s = config.sample
+  got = pipe.generate(prompts, steps=s.num_steps, guidance=s.guidance_scale, seed=3)
+  tokens = task.nets.tokenizer(prompts)
+  want = task._sample_images(trained["state"].ema_params, trained["frozen"], tokens,
+                             jax.random.fold_in(jax.random.PRNGKey(3), 0))
+  assert got.shape == (2, 16, 16, 3) and got.dtype == np.uint8
+  assert np.abs(got.astype(int) - images_lib.to_uint8(np.asarray(want)).astype(int)).max() <= 1
+  np.testing.assert_array_equal(pipe.generate(prompts, steps=s.num_steps, guidance=s.guidance_scale, seed=3), got)
+  with pytest.raises(ValueError, match="--height=15: must be a positive multiple of 2"):
+    pipe.generate(prompts, height=15)
+  with pytest.raises(FileNotFoundError, match="has no export/"):
+    sample_lib.Pipeline.from_workdir(tmp_path)
+
+  evaluator, _ = shapes_eval.fit(shapes_eval.TrainConfig(steps=2, batch_size=4))
+  # The trainer's own evaluation hook with an evaluator: the accuracy of its samples on both held-out splits.
+  shapes_eval.save_evaluator(evaluator, tmp_path / "evaluator")
+  with_evaluator = ldm.Task(_config(stages, **{"sample.shapes_evaluator": str(tmp_path / "evaluator"),
+                                               "sample.shapes_eval_prompts": 2}))
+  accuracy = with_evaluator.shapes_accuracy(trained["state"].ema_params, trained["frozen"], jax.random.PRNGKey(0))
+  assert sorted(accuracy) == ["eval_shapes_acc_compositional", "eval_shapes_acc_test"]
+  assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+  grid = tmp_path / "grid.png"
+  results = stages_lib.evaluate_model(reference / "export", config.dataset.to_dict(), evaluator, num_prompts=3,
+                                  steps=2, guidance=2.0, seed=0, grid_prompts=2, grid_path=grid)
+  assert sorted(results) == ["compositional", "test"]
+  for r in results.values():
+    assert r["num_prompts"] == 3 and 0.0 <= r["accuracy"] <= 1.0
+  assert np.asarray(Image.open(grid)).shape[-1] == 3
+  summary = {"preset": "runlocal", "stages": {}, "heldout": results, "evaluator": {},
+             "sampling": {"steps": 2, "guidance": 2.0}, "total_wall_seconds": 1.0}
+  stages_lib.write_summary(tmp_path, summary)
+  assert "| compositional |" in (tmp_path / "summary.md").read_text()
+  command = stages_lib.stage_command("ldm", "demo", tmp_path)
+  assert command[1:3] == ["-m", "sd_jax.main"]
+  assert command[3].endswith(f"shapes_ldm.py:demo,vae_from={tmp_path}/vae/export,text_from={tmp_path}/clip/export")
