@@ -43,14 +43,16 @@ def get_config(arg=None):
   preset = "runlocal" if arg.runlocal else "demo" if arg.demo else "default"
   c = config_lib.base_config()
   c.trainer = "ldm"
-  c.batch_size = 64
-  c.total_steps = 20_000
-  c.log_every_steps = 100
-  c.eval_every_steps = 2_000
-  c.sample_every_steps = 2_000
-  c.save_every_steps = 2_000
-  c.optim.lr = 2e-4
-  c.optim.warmup_steps = 500
+  # Sized for the quality bar on a 2-core CPU (README: python -m sd_jax.stages --preset=full): 3,000 steps of 32
+  # (8×8×4 latents, 96k examples seen), about 25 GFLOP per step with precomputed latents.
+  c.batch_size = 32
+  c.total_steps = 3_000
+  c.log_every_steps = 50
+  c.eval_every_steps = 1_000
+  c.sample_every_steps = 1_000
+  c.save_every_steps = 500
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 200
   c.ema_decay = 0.999
 
   vae_from, text_from = _STAGES[preset]
@@ -99,7 +101,7 @@ def get_config(arg=None):
       prompts=(),               # sample-grid prompts; () = the first num_prompts captions of the held-out split
       num_prompts=8,
       images_per_prompt=2,
-      num_steps=50,             # DDIM steps
+      num_steps=25,             # DDIM steps
       guidance_scale=4.0,       # classifier-free guidance s: uncond + s (cond - uncond)
       eta=0.0,                  # DDIM η; 0 = deterministic
       timestep_spacing="trailing",  # leading | trailing | linspace

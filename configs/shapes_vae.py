@@ -96,12 +96,12 @@ def get_config(arg=None):
   if arg.demo:
     # A few minutes on a 2-core CPU: a short run at a smaller batch.
     c.batch_size = 16
-    c.total_steps = 600
+    c.total_steps = 400
     c.log_every_steps = 50
-    c.eval_every_steps = 300
+    c.eval_every_steps = 400
     c.eval_batches = 16
-    c.sample_every_steps = 600
-    c.save_every_steps = 300
+    c.sample_every_steps = 400
+    c.save_every_steps = 200
     c.optim.warmup_steps = 50
     c.ema_decay = 0.99
     c.export.scale_batches = 8

@@ -156,12 +156,11 @@ def prepare_tokenizer(config) -> str:
   return directory
 
 
-def _directory_digest(directory: str) -> bytes:
+def _directory_digest(directory) -> bytes:
   digest = hashlib.sha256()
-  for name in sorted(os.listdir(directory)):
-    digest.update(name.encode() + b"\0")
-    with open(os.path.join(directory, name), "rb") as f:
-      digest.update(f.read())
+  for path in sorted(epath.Path(directory).iterdir(), key=lambda p: p.name):
+    digest.update(path.name.encode() + b"\0")
+    digest.update(path.read_bytes())
   return digest.digest()
 
 
@@ -181,8 +180,7 @@ def _copy_tokenizer(src: str, dst: epath.Path) -> None:
       raise ValueError(f"{dst} holds a different tokenizer than {src}; this workdir was trained with other "
                        "token ids. Point --config.dataset.tokenizer at it, or use a new workdir.")
     return
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  shutil.copytree(src, str(dst))
+  store.copy_tree(src, dst)  # local or gs:// workdirs
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -421,7 +420,7 @@ class Task:
     params = host_state.ema_params if host_state.ema_params is not None else host_state.params
     unet_params = params["unet"] if self.train_text else params
     if primary and tmp.exists():
-      shutil.rmtree(tmp)
+      store.remove_tree(tmp)
     multihost_utils.sync_global_devices("ldm_export_start")
     fields = {f: getattr(self.model, f) for f in self.model.__dataclass_fields__ if f not in ("parent", "name")}
     # orbax coordinates the processes: all of them call save_component.
@@ -430,17 +429,17 @@ class Task:
       store.save_component(tmp, "text_encoder", clip_lib.clip_config_to_transformers(self.text.config),
                            params["text_encoder"])
     if primary:
-      shutil.copytree(self.nets.vae_dir / "vae", tmp / "vae")
+      store.copy_tree(self.nets.vae_dir / "vae", tmp / "vae")
       if not self.train_text:
-        shutil.copytree(self.nets.text_dir / "text_encoder", tmp / "text_encoder")
-      shutil.copytree(self.nets.text_dir / "tokenizer", tmp / "tokenizer")
+        store.copy_tree(self.nets.text_dir / "text_encoder", tmp / "text_encoder")
+      store.copy_tree(self.nets.text_dir / "tokenizer", tmp / "tokenizer")
       (tmp / "scheduler").mkdir()
       (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config(), indent=2))
       store.write_index(tmp, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
                         source=f"sd_jax ldm run {workdir} at step {int(host_state.step)}",
                         text_clip_skip=self.nets.clip_skip)
       if final.exists():
-        shutil.rmtree(final)
+        store.remove_tree(final)
       tmp.rename(final)
       logging.info("Exported the model to %s.", final)
     multihost_utils.sync_global_devices("ldm_export_done")

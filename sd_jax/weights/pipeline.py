@@ -11,7 +11,6 @@ maps live in weights/unet.py, vae.py and clip.py, next to nothing else.
 from __future__ import annotations
 
 import json
-import shutil
 from typing import Any
 
 import numpy as np
@@ -31,8 +30,8 @@ _SD2_PROBE = LDM_UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k
 
 def _copy_dir(src: epath.Path, dst: epath.Path) -> None:
   if dst.exists():
-    shutil.rmtree(dst)
-  shutil.copytree(src, dst)
+    store.remove_tree(dst)
+  store.copy_tree(src, dst)
 
 
 def _check_out(out) -> epath.Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -45,13 +44,29 @@ def _jsonable(value):
   return value
 
 
+def remove_tree(path) -> None:
+  """Deletes a directory tree, local or on an object store (gs://...)."""
+  epath.Path(path).rmtree()
+
+
+def copy_tree(src, dst) -> None:
+  """Copies a directory tree file by file through etils.epath, so either side may be local or gs://..."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for child in src.iterdir():
+    if child.is_dir():
+      copy_tree(child, dst / child.name)
+    else:
+      child.copy(dst / child.name, overwrite=True)
+
+
 def save_component(out_dir, name: str, config_fields: dict[str, Any], params: Any, *, overwrite: bool = False) -> None:
   """Writes `out_dir/name/{config.json,params/}`. Refuses to replace an existing component unless `overwrite`."""
   component = _path(out_dir) / name
   if (component / "params").exists():
     if not overwrite:
       raise FileExistsError(f"{component} already holds weights; choose another --out or remove it first.")
-    shutil.rmtree(component / "params")
+    remove_tree(component / "params")
   component.mkdir(parents=True, exist_ok=True)
   (component / "config.json").write_text(json.dumps(_jsonable(dict(config_fields)), indent=2, sort_keys=True))
   ocp.PyTreeCheckpointer().save(str(component / "params"), {"params": jax.tree.map(np.asarray, params)})
