@@ -1,0 +1,879 @@
+"""Benchmark and memory-planning tool: `python -m sd_jax.bench --config=configs/X.py[:args] [--config.KEY=V]`.
+
+Modes:
+
+  --mode=train   compiles and times the shared loop's own train step (sd_jax/train.py `train_step`, built by
+                 `train.setup` and jitted with the loop's shardings and donation) on synthetic batches of the right
+                 shapes. For ldm configs the batch is precomputed latents + text contexts (`LatentUNetTask`), so
+                 only the U-Net runs, as in a training run that serves precomputed latents.
+  --mode=sample  times the jitted DDIM loop (sd_jax/diffusion/ddim.py, classifier-free guidance when the U-Net
+                 has cross-attention) plus the VAE decode, at each of --sample_batch_sizes.
+  --aot          compiles the train step for meshes of fake CPU devices without running it (one subprocess per
+                 mesh, XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports per-device memory, FLOPs
+                 and collective bytes.
+
+What is reported, and how:
+
+  step time      median over --steps calls after --warmup calls, each ended by jax.block_until_ready.
+  model FLOPs    analytic (sd_jax/flops.py: convolutions, dense layers, attention; training = 3 × forward) and
+                 XLA's `compiled.cost_analysis()["flops"]` (every op, per device, × devices), side by side.
+  MFU            analytic FLOPs per second / (devices × the device's dense bf16 peak, PEAKS below).
+  memory         the device's `memory_stats()["peak_bytes_in_use"]` where the backend has it (GPU, TPU), and the
+                 compiled program's own estimate: arguments + outputs − donated aliases + temporaries.
+  collectives    from the compiled (SPMD-partitioned) HLO text: every all-reduce, all-gather, reduce-scatter,
+                 all-to-all and collective-permute with its operand and result sizes. "traffic" estimates the
+                 bytes each device sends with ring algorithms over a group of g devices:
+                 all-reduce 2(g−1)/g · size, all-gather / reduce-scatter / all-to-all (g−1)/g · full size,
+                 collective-permute · size.
+
+Each train / sample measurement appends a row to BENCHMARKS.md (--benchmarks; "" to skip) with the device, JAX
+version, config and the command that produced it. --aot appends a table of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from sd_jax import flops as flops_lib
+from sd_jax import parallel
+from sd_jax import train as train_lib
+from sd_jax import trainers
+from sd_jax.diffusion import ddim
+from sd_jax.diffusion import losses
+from sd_jax.diffusion import schedules
+from sd_jax.models import unet as unet_lib
+from sd_jax.models import vae as vae_lib
+from sd_jax.trainers import ddpm
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+# Dense bf16 peak (TFLOP/s) and memory per chip, matched against `device.device_kind` in this order (the first
+# pattern contained in the kind wins). NVIDIA: SXM parts (an H100 PCIe is 756 TFLOP/s: pass --peak_tflops);
+# Google: the Cloud TPU system-architecture pages (v5e "TPU v5 lite", v6e "TPU v6 lite" as JAX names them).
+PEAKS: tuple[tuple[str, str, float, float], ...] = (
+    # (pattern in device_kind, name, TFLOP/s, memory GiB)
+    ("H200", "H200", 989.0, 141.0),
+    ("H100", "H100", 989.0, 80.0),
+    ("A100", "A100", 312.0, 80.0),
+    ("TPU v4", "TPU v4", 275.0, 32.0),
+    ("TPU v5 lite", "TPU v5e", 197.0, 16.0),
+    ("TPU v5e", "TPU v5e", 197.0, 16.0),
+    ("TPU v5p", "TPU v5p", 459.0, 95.0),
+    ("TPU v5", "TPU v5p", 459.0, 95.0),
+    ("TPU v6 lite", "TPU v6e", 918.0, 32.0),
+    ("TPU v6e", "TPU v6e", 918.0, 32.0),
+)
+# Chips the AOT tables check a per-device footprint against (GiB of device memory).
+FIT_TARGETS = (("v5e", 16.0), ("v5p", 95.0))
+
+MEASURED_HEADER = ("| date | mode | device | JAX | config | mesh | batch | compile s | median ms | images/s | "
+                   "analytic TFLOP | XLA TFLOP | MFU | peak mem GiB | est. mem GiB | command |")
+AOT_HEADER = ("| devices | mesh | batch/dev | params GiB | opt state GiB | EMA GiB | temporaries GiB | total GiB | "
+              + " | ".join(f"fits {name} ({gib:g} GiB)" for name, gib in FIT_TARGETS)
+              + " | TFLOP/step (XLA, all devices) | collective buffers GiB | est. traffic GiB/dev | collectives | "
+              "compile s |")
+
+
+def peak_for(device_kind: str) -> tuple[str, float | None]:
+  """(name, dense bf16 TFLOP/s) of a device kind; (kind, None) when it is not in PEAKS (e.g. CPU)."""
+  for pattern, name, tflops, _ in PEAKS:
+    if pattern.lower() in device_kind.lower():
+      return name, tflops
+  return device_kind, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The U-Net task on precomputed latents
+
+
+_DRAWS = ("latent", "caption_drop", "timestep", "noise")
+_BENCH_TRAINER = "_bench_latent_unet"
+
+
+class LatentUNetTask:
+  """The ldm trainer's U-Net step on precomputed batches, without the frozen VAE and text tower.
+
+  Batch: {"latent_mean", "latent_logvar": [B, h, w, c], "context": [B, L, D]} (sd_jax/data/precomputed.py's
+  layout). Per example, from its own key: z ~ N(mean, exp(logvar)), latents = z · scaling_factor; with probability
+  ldm.caption_dropout the empty prompt's context (a frozen input, like the ldm trainer's encoded empty prompt);
+  t ~ U{0..T-1}; ε; loss = (min-SNR weighted) MSE of U-Net(x_t, t, context) against ε or v. The same
+  sd_jax.diffusion functions as sd_jax/trainers/ldm.py, so the U-Net step costs what a precomputed ldm run's does.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    fields = config.model.to_dict()
+    derived = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
+    missing = [k for k in derived if fields.get(k) is None]
+    if missing:
+      raise ValueError(f"config.model.{missing[0]} is None: the bench has no frozen networks to take it from. Set "
+                       f"{', '.join('--config.model.' + k for k in missing)} (SD 1.5: 4, 4, 768, 64).")
+    self.model = unet_lib.create_unet(fields)
+    if not self.model.has_cross_attention:
+      raise ValueError("config.model has no cross-attention block: the latent U-Net task attends to a text context.")
+    self.schedule = ddpm.make_schedule(config.diffusion)
+    self.context_length = config.dataset.max_text_len
+    self.context_dim = self.model.example_inputs(1, 1)["encoder_hidden_states"].shape[-1]
+    size = self.model.sample_size
+    self.latent_hw = (size, size) if isinstance(size, int) else tuple(size)
+    self.scaling_factor = vae_lib.vae_config(_vae_name(config))["scaling_factor"]
+    self.caption_dropout = config.ldm.caption_dropout if "ldm" in config else 0.0
+
+  def init_params(self, rng):
+    return self.model.init(rng, **self.model.example_inputs(1, self.context_length))["params"]
+
+  def frozen_abstract(self):
+    return {"empty_context": jax.ShapeDtypeStruct((1, self.context_length, self.context_dim), jnp.float32)}
+
+  def load_frozen(self):
+    # Any fixed [1, L, D] array: the encoded empty prompt in a real run.
+    rng = np.random.default_rng(0)
+    return {"empty_context": rng.standard_normal((1, self.context_length, self.context_dim)).astype(np.float32)}
+
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    latent = (batch_size, *self.latent_hw, self.model.in_channels)
+    return {"latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
+            "latent_logvar": jax.ShapeDtypeStruct(latent, jnp.float32),
+            "context": jax.ShapeDtypeStruct((batch_size, self.context_length, self.context_dim), jnp.float32)}
+
+  def loss(self, params, frozen, batch, keys):
+    d = self.config.diffusion
+    split = jax.vmap(lambda k: jax.random.split(k, len(_DRAWS)))(keys)  # [B, draws, 2]
+    draws = {name: split[:, i] for i, name in enumerate(_DRAWS)}
+    posterior = vae_lib.DiagonalGaussian(mean=batch["latent_mean"], logvar=batch["latent_logvar"])
+    z = jax.vmap(lambda p, k: p.sample(k))(posterior, draws["latent"])
+    latents = z * self.scaling_factor                                     # [B, h, w, c]
+    drop = jax.vmap(lambda k: jax.random.uniform(k) < self.caption_dropout)(draws["caption_drop"])
+    context = jnp.where(drop[:, None, None], frozen["empty_context"].astype(batch["context"].dtype), batch["context"])
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, d.num_train_timesteps))(draws["timestep"])
+    noise = jax.vmap(lambda k: losses.offset_noise(k, (1,) + latents.shape[1:], d.offset_noise)[0])(draws["noise"])
+    x_t = schedules.add_noise(self.schedule, latents, noise, t)
+    model_output = self.model.apply({"params": params}, x_t, t, context)
+    loss = losses.diffusion_loss(model_output, latents, noise, t, self.schedule, prediction_type=d.prediction_type,
+                                 min_snr_gamma=d.min_snr_gamma)
+    return loss, {}
+
+
+Task = LatentUNetTask  # sd_jax.trainers interface: this module stands in as a trainer (see `make_setup`)
+
+
+def _vae_name(config) -> str:
+  return config.bench.vae if "bench" in config and "vae" in config.bench else "sd"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup and the step
+
+
+def resolve_task_kind(config, task_kind: str) -> str:
+  """auto → latent_unet for ldm configs (precomputed latents; no frozen networks), else the config's trainer."""
+  if task_kind not in ("auto", "trainer", "latent_unet"):
+    raise ValueError(f"--task={task_kind!r}: use auto, trainer or latent_unet.")
+  if task_kind == "auto":
+    return "latent_unet" if config.trainer == "ldm" else "trainer"
+  return task_kind
+
+
+def make_setup(config, task_kind: str = "auto", devices=None) -> train_lib.Setup:
+  """train.setup(config) with the config's trainer, or with LatentUNetTask in its place.
+
+  train.setup builds `trainers.get(config.trainer).Task(config)` and has no way to take a task object, so for the
+  latent U-Net this module is registered as a trainer for the duration of the call (the hook asked for in the
+  bench's report: `train.setup(config, devices, task=None)`).
+  """
+  if config.parallelism != "jit":
+    raise ValueError(f"config.parallelism={config.parallelism!r}: the bench times the jit step; set "
+                     "--config.parallelism=jit.")
+  if resolve_task_kind(config, task_kind) == "trainer":
+    return train_lib.setup(config, devices)
+  bench_config = config.copy_and_resolve_references()
+  with bench_config.unlocked():
+    bench_config.trainer = _BENCH_TRAINER
+  trainers.TRAINERS[_BENCH_TRAINER] = "sd_jax.bench"
+  try:
+    return train_lib.setup(bench_config, devices)
+  finally:
+    del trainers.TRAINERS[_BENCH_TRAINER]
+
+
+def jit_train_step(exp: train_lib.Setup):
+  """The shared loop's step, jitted exactly as train.train_and_evaluate does (shardings, donation)."""
+  config = exp.config
+  return jax.jit(
+      functools.partial(train_lib.train_step, task=exp.task, tx=exp.tx, schedule=exp.schedule, config=config,
+                        global_batch=config.batch_size, key_sharding=exp.batch_sharding),
+      in_shardings=(exp.state_shardings, exp.batch_sharding, exp.frozen_shardings),
+      out_shardings=(exp.state_shardings, None), donate_argnums=0)
+
+
+def batch_spec(exp: train_lib.Setup) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global batch: the task's own `batch_spec`, else what sd_jax/data/pipeline.py yields."""
+  config, task, b = exp.config, exp.task, exp.config.batch_size
+  if hasattr(task, "batch_spec"):
+    return task.batch_spec(b)
+  ds = config.dataset
+  spec = {"image": jax.ShapeDtypeStruct((b, ds.resolution, ds.resolution, 3), jnp.float32)}
+  if ds.label_key:
+    spec["label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+  if ds.tokenizer and (ds.text_key or ds.label_key):
+    spec["tokens"] = jax.ShapeDtypeStruct((b, ds.max_text_len), jnp.int32)
+  return spec
+
+
+def synthetic_batch(spec: dict[str, jax.ShapeDtypeStruct], sharding, seed: int = 0) -> dict[str, jax.Array]:
+  """Random global arrays of the spec's shapes with the batch sharding (floats ~ U[-1, 1], ids in [0, 32)); each
+  process draws its own rows, as the input pipeline does."""
+  rng = np.random.default_rng([seed, jax.process_index()])
+  host = {}
+  for key, s in spec.items():
+    shape = (s.shape[0] // jax.process_count(), *s.shape[1:])
+    if jnp.issubdtype(s.dtype, jnp.integer):
+      high = 2 if key == "label" else 32  # valid for every class count / vocabulary in the repo's configs
+      host[key] = rng.integers(0, high, shape).astype(s.dtype)
+    else:
+      host[key] = rng.uniform(-1.0, 1.0, shape).astype(s.dtype)
+  return parallel.host_batch_to_global(host, sharding)
+
+
+def _abstract_frozen(exp: train_lib.Setup):
+  if exp.frozen_shardings is None:
+    return None
+  abstract = nn.meta.unbox(exp.task.frozen_abstract())
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      exp.frozen_shardings)
+
+
+def analytic_train_flops(exp: train_lib.Setup) -> flops_lib.FlopCount | None:
+  """Model FLOPs of one step of the trained U-Net (None for trainers without a U-Net, e.g. vae / clip)."""
+  model = getattr(exp.task, "model", None)
+  if not isinstance(model, unet_lib.UNet2DConditionModel):
+    return None
+  spec = batch_spec(exp)
+  if "latent_mean" in spec:
+    _, h, w, _ = spec["latent_mean"].shape
+  elif "image" in spec and exp.config.trainer == "ddpm":
+    _, h, w, _ = spec["image"].shape
+  else:  # the ldm trainer on images: the U-Net sees the VAE's latents
+    size = model.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+  length = exp.config.dataset.max_text_len
+  return flops_lib.unet_train_step_flops(model, exp.config.batch_size, h, w, length)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled-program analysis
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled program, per device (XLA cost analysis), or None."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  value = (cost or {}).get("flops")
+  return float(value) if value is not None and value >= 0 else None
+
+
+def memory_estimate(compiled) -> dict[str, float] | None:
+  """Bytes per device from the compiled memory analysis; `total` = arguments + outputs − aliased + temporaries."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if m is None:
+    return None
+  out = {k: float(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp",
+                                                                      "generated_code")}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def tree_bytes_per_device(abstract_tree) -> float:
+  """Bytes that one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+  total = 0.0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4,
+                "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
+_OP_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
+
+
+def shape_bytes(text: str) -> float:
+  """Total bytes of every array type (`f32[8,320]{1,0}`) written in `text`; a tuple type sums its elements."""
+  total = 0.0
+  for dtype, dims in _SHAPE_RE.findall(text):
+    itemsize = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else None)
+    if itemsize is None:
+      raise ValueError(f"unknown HLO element type {dtype!r} in {text!r}")
+    total += itemsize * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  """Devices per replica group of a collective: `{{0,1},{2,3}}` → 2, iota `[2,4]<=[8]` → 4,
+  `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}` → 4, none or `{}` → all."""
+  match = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+  if match:
+    return int(match.group(2))
+  match = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if match:
+    sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", match.group(1))}
+    axes = re.findall(r"'([^']+)'", match.group(2))
+    return math.prod(sizes[a] for a in axes) if axes else num_devices
+  match = re.search(r"replica_groups=\{(\{[^}]*\})", line)
+  if match:
+    return len([x for x in match.group(1).strip("{}").split(",") if x.strip()])
+  return num_devices
+
+
+_DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+[\w\-]+\(")
+
+
+def _balanced(text: str, start: int) -> str:
+  """The text inside the parenthesis that opens at text[start - 1]."""
+  depth = 1
+  for i in range(start, len(text)):
+    depth += {"(": 1, ")": -1}.get(text[i], 0)
+    if depth == 0:
+      return text[start:i]
+  return text[start:]
+
+
+def collective_stats(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
+  """Per collective kind: count, operand bytes, result bytes and estimated per-device traffic, from HLO text.
+
+  Operand types are read where the text writes them inline (`all-reduce(f32[8]{0} %x)`), else from the
+  instruction that defines each operand (compiled modules print `all-reduce(%x)`). Synchronous ops and the
+  `-start` halves of async pairs are counted (`-done` only completes them); the result of an async all-gather /
+  collective-permute start is a tuple that repeats its operands, which is subtracted. Collectives inside loop
+  bodies are counted once.
+  """
+  lines = hlo_text.splitlines()
+  types = {}
+  for line in lines:
+    match = _DEF_RE.match(line)
+    if match:
+      types[match.group(1)] = match.group(2)
+  stats = {kind: {"count": 0, "operand_bytes": 0.0, "result_bytes": 0.0, "traffic_bytes": 0.0}
+           for kind in COLLECTIVES}
+  for line in lines:
+    match = _OP_RE.search(line)
+    if match is None or " = " not in line[:match.start() + 1]:
+      continue
+    kind, suffix = match.group(1), match.group(2)
+    if suffix == "-done":
+      continue
+    result_text = line[line.index(" = ") + 3:match.start() + 1]
+    operands = _balanced(line, match.end())
+    if _SHAPE_RE.search(operands):
+      operand_bytes = shape_bytes(operands)
+    else:
+      names = re.findall(r"%([\w.\-]+)", operands)
+      unknown = [n for n in names if n not in types]
+      if unknown:
+        raise ValueError(f"HLO operand(s) {unknown} of a {kind} are defined nowhere in the module text.")
+      operand_bytes = sum(shape_bytes(types[n]) for n in names)
+    result_bytes = shape_bytes(result_text)
+    if suffix == "-start" and kind in ("all-gather", "collective-permute"):
+      result_bytes = max(result_bytes - operand_bytes, 0.0)
+    g = _group_size(line, num_devices)
+    fraction = (g - 1) / g if g > 1 else 0.0
+    traffic = {"all-reduce": 2 * fraction * operand_bytes,
+               "all-gather": fraction * result_bytes,
+               "reduce-scatter": fraction * operand_bytes,
+               "all-to-all": fraction * operand_bytes,
+               "collective-permute": operand_bytes}[kind]
+    s = stats[kind]
+    s["count"] += 1
+    s["operand_bytes"] += operand_bytes
+    s["result_bytes"] += result_bytes
+    s["traffic_bytes"] += traffic
+  return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train mode
+
+
+@dataclasses.dataclass
+class Measurement:
+  """One benchmark result: what a BENCHMARKS.md row holds."""
+  mode: str
+  device: str
+  num_devices: int
+  mesh: str
+  batch: int
+  compile_s: float
+  median_s: float
+  images_per_s: float
+  analytic_flops: float | None   # per step / per sample, all devices
+  xla_flops: float | None        # per step / per sample, all devices
+  mfu: float | None
+  peak_memory_bytes: float | None
+  estimated_memory_bytes: float | None
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _device_summary() -> tuple[str, str, float | None]:
+  device = jax.devices()[0]
+  name, peak = peak_for(device.device_kind)
+  return f"{device.platform}:{device.device_kind}", name, peak
+
+
+def _peak_memory() -> float | None:
+  peaks = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not implemented on every backend
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(float(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def _mfu(flops_per_call: float | None, seconds: float, num_devices: int, peak_tflops: float | None) -> float | None:
+  if not flops_per_call or not peak_tflops or seconds <= 0:
+    return None
+  return flops_per_call / seconds / (num_devices * peak_tflops * 1e12)
+
+
+def _timed(fn, steps: int, warmup: int) -> list[float]:
+  """Seconds of each of `steps` calls after `warmup` untimed ones; `fn` returns what to block on."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "auto", devices=None,
+                peak_tflops: float | None = None) -> Measurement:
+  """Compiles and times the shared train step on a synthetic batch."""
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps={steps} / --warmup={warmup}: time at least 1 step after >= 0 warm-up steps.")
+  exp = make_setup(config, task_kind, devices)
+  num_devices = exp.mesh.devices.size
+  batch = synthetic_batch(batch_spec(exp), exp.batch_sharding, seed=config.seed)
+  frozen = exp.load_frozen()
+  state = exp.init_fn(jax.random.PRNGKey(config.seed))
+  step_fn = jit_train_step(exp)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch, frozen).compile()
+  compile_s = time.perf_counter() - t0
+
+  holder = {"state": state}
+  metrics_seen = []
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, frozen)
+    metrics_seen.append(metrics["loss"])
+    return holder["state"], metrics
+
+  times = _timed(one_step, steps, warmup)
+  loss = float(metrics_seen[-1])
+  if not math.isfinite(loss):
+    raise FloatingPointError(f"the benchmarked step produced loss={loss}; the timing would be meaningless.")
+  median = statistics.median(times)
+  device, device_name, table_peak = _device_summary()
+  peak = peak_tflops or table_peak
+  analytic = analytic_train_flops(exp)
+  per_device_xla = xla_flops(compiled)
+  xla_total = per_device_xla * num_devices if per_device_xla is not None else None
+  analytic_total = analytic.total if analytic is not None else None
+  memory = memory_estimate(compiled)
+  return Measurement(
+      mode="train", device=device_name if table_peak else device, num_devices=num_devices,
+      mesh=_mesh_text(exp.mesh), batch=config.batch_size, compile_s=compile_s, median_s=median,
+      images_per_s=config.batch_size / median, analytic_flops=analytic_total, xla_flops=xla_total,
+      mfu=_mfu(analytic_total or xla_total, median, num_devices, peak),
+      peak_memory_bytes=_peak_memory(), estimated_memory_bytes=memory["total"] if memory else None,
+      extra={"loss": loss, "times_s": times, "analytic_breakdown": analytic.as_dict() if analytic else None,
+             "memory_analysis": memory})
+
+
+def _mesh_text(mesh) -> str:
+  return "×".join(f"{name}{size}" for name, size in mesh.shape.items() if size > 1) or "1 device"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample mode
+
+
+def random_params(module: nn.Module, inputs: dict[str, Any], seed: int = 0):
+  """N(0, 0.02²) params of the module's shapes and dtypes, drawn on the host: timing does not depend on the
+  values, and this skips compiling `init` (minutes for SD 1.5 on a CPU)."""
+  abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(seed), **inputs)["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32) * 0.02, a.dtype), abstract)
+
+
+def bench_sample(config, *, batch_sizes: Sequence[int] = (1, 16), num_steps: int | None = None, steps: int = 3,
+                 warmup: int = 1, vae_name: str | None = None, peak_tflops: float | None = None
+                 ) -> list[Measurement]:
+  """Times DDIM sampling (+ guidance and VAE decode for a text-conditioned latent U-Net) on one device."""
+  s = config.get("sample", ml_collections.ConfigDict())
+  d = config.diffusion
+  num_steps = num_steps or s.get("num_steps", 50)
+  model = unet_lib.create_unet(config.model.to_dict())
+  guided = model.has_cross_attention
+  size = model.sample_size or 64
+  h, w = (size, size) if isinstance(size, int) else tuple(size)
+  context_length = config.dataset.max_text_len
+  vae = None
+  if guided:  # a latent model: decode with the VAE
+    vae = vae_lib.create_vae(vae_name or _vae_name(config), dtype=config.model.get("dtype", "float32"))
+    if vae.latent_channels != model.out_channels:
+      raise ValueError(f"--vae={vae_name or _vae_name(config)} has {vae.latent_channels} latent channels but the "
+                       f"U-Net outputs {model.out_channels}; pick a matching VAE config.")
+  schedule = ddpm.make_schedule(d)
+  rng = jax.random.PRNGKey(config.seed)
+  unet_inputs = model.example_inputs(1, context_length)
+  unet_params = random_params(model, unet_inputs, config.seed)
+  vae_params = random_params(vae, vae.example_inputs(), config.seed) if vae is not None else None
+  context_dim = unet_inputs["encoder_hidden_states"].shape[-1] if guided else 0
+  ddim_kwargs = dict(eta=s.get("eta", 0.0), prediction_type=d.prediction_type,
+                 timestep_spacing=s.get("timestep_spacing", "leading"), steps_offset=s.get("steps_offset", 0),
+                 set_alpha_to_one=s.get("set_alpha_to_one", True))
+  guidance_scale = s.get("guidance_scale", 7.5)
+
+  def draw(unet_params, vae_params, context, uncond, rng, batch: int):
+    model_fn = lambda x, t, c: model.apply({"params": unet_params}, x, t, c)  # noqa: E731
+    if guided:
+      fn = ddim.classifier_free_guidance(model_fn, context, uncond, guidance_scale)
+    else:
+      fn = lambda x, t: model.apply({"params": unet_params}, x, t)  # noqa: E731
+    latents = ddim.ddim_sample(fn, schedule, rng, (batch, h, w, model.out_channels), num_inference_steps=num_steps,
+                               clip_sample=not guided, **ddim_kwargs)
+    if vae is None:
+      return latents
+    return vae.apply({"params": vae_params}, vae.unscale_latents(latents), method="decode")
+
+  device, device_name, table_peak = _device_summary()
+  peak = peak_tflops or table_peak
+  results = []
+  for batch in batch_sizes:
+    host_rng = np.random.default_rng(batch)
+    context = jnp.asarray(host_rng.standard_normal((batch, context_length, context_dim)), jnp.float32) if guided \
+        else None
+    uncond = jnp.asarray(host_rng.standard_normal((1, context_length, context_dim)), jnp.float32) if guided else None
+    fn = jax.jit(functools.partial(draw, batch=batch))
+    t0 = time.perf_counter()
+    compiled = fn.lower(unet_params, vae_params, context, uncond, rng).compile()
+    compile_s = time.perf_counter() - t0
+    times = _timed(lambda: compiled(unet_params, vae_params, context, uncond, rng), steps, warmup)
+    median = statistics.median(times)
+    analytic = flops_lib.ddim_sample_flops(model, batch, num_steps, h, w, context_length, guidance=guided, vae=vae)
+    memory = memory_estimate(compiled)
+    results.append(Measurement(
+        mode=f"sample ({num_steps} DDIM steps{', CFG' if guided else ''}{' + VAE decode' if vae else ''})",
+        device=device_name if table_peak else device, num_devices=1, mesh="1 device", batch=batch,
+        compile_s=compile_s, median_s=median, images_per_s=batch / median, analytic_flops=analytic.total,
+        xla_flops=xla_flops(compiled), mfu=_mfu(analytic.total, median, 1, peak), peak_memory_bytes=_peak_memory(),
+        estimated_memory_bytes=memory["total"] if memory else None, extra={"times_s": times}))
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AOT planning
+
+
+def parse_mesh(name: str, num_devices: int) -> dict[str, int]:
+  """'data' / 'fsdp': every device on that axis; 'fsdpK' / 'dataK': K on that axis, the rest on the other."""
+  match = re.fullmatch(r"(data|fsdp)(\d*)", name)
+  if not match:
+    raise ValueError(f"--aot_meshes entry {name!r}: use data, fsdp, dataK or fsdpK (e.g. fsdp8).")
+  axis, size = match.group(1), int(match.group(2) or num_devices)
+  if num_devices % size:
+    raise ValueError(f"--aot_meshes entry {name!r}: {size} does not divide {num_devices} devices.")
+  other = "fsdp" if axis == "data" else "data"
+  return {axis: size, other: num_devices // size, "tensor": 1}
+
+
+def aot_compile(config, task_kind: str = "auto", compile: bool = True) -> dict[str, Any]:
+  """Lowers and compiles the train step for this process's devices (fake CPU devices in --aot) without running
+  it; returns per-device memory, FLOPs and collectives. compile=False: only the state's per-device bytes (from the
+  shardings; seconds instead of minutes)."""
+  exp = make_setup(config, task_kind)
+  num_devices = exp.mesh.devices.size
+  spec = batch_spec(exp)
+  abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.batch_sharding) for k, s in spec.items()}
+  compiled, compile_s = None, None
+  if compile:
+    t0 = time.perf_counter()
+    lowered = jit_train_step(exp).lower(exp.abstract_state, abstract_batch, _abstract_frozen(exp))
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+  state = exp.abstract_state
+  analytic = analytic_train_flops(exp)
+  per_device_xla = xla_flops(compiled) if compiled is not None else None
+  return {
+      "num_devices": num_devices,
+      "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
+      "batch_size": config.batch_size,
+      "per_device_batch": config.batch_size / num_devices,
+      "params_bytes": tree_bytes_per_device(state.params),
+      "opt_state_bytes": tree_bytes_per_device(state.opt_state),
+      "ema_bytes": tree_bytes_per_device(state.ema_params) if state.ema_params is not None else 0.0,
+      "total_params_bytes": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                                for x in jax.tree.leaves(state.params)),
+      "memory": memory_estimate(compiled) if compiled is not None else None,
+      "xla_flops_per_device": per_device_xla,
+      "analytic_flops": analytic.total if analytic is not None else None,
+      "collectives": collective_stats(compiled.as_text(), num_devices) if compiled is not None else None,
+      "compile_s": compile_s,
+      "jax": jax.__version__,
+  }
+
+
+def _point_env(num_devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  # The program is never run: skip LLVM's optimisations (buffer assignment, hence the memory analysis, and the
+  # HLO passes are unaffected; the compile is several times faster).
+  extra = [f"--xla_force_host_platform_device_count={num_devices}", "--xla_backend_optimization_level=0",
+           "--xla_llvm_disable_expensive_passes=true"]
+  env["XLA_FLAGS"] = " ".join(flags + extra)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def run_aot_point(config_args: Sequence[str], num_devices: int, mesh: str, per_device_batch: int, *,
+                  task_kind: str = "auto", timeout_s: float = 900.0, compile: bool = True) -> dict[str, Any]:
+  """One AOT compile in a subprocess with `num_devices` fake CPU devices; {"error": ...} on failure/timeout."""
+  cmd = [sys.executable, "-m", "sd_jax.bench", *config_args, "--aot_worker", f"--aot_devices={num_devices}",
+         f"--aot_meshes={mesh}", f"--aot_per_device_batch={per_device_batch}", f"--task={task_kind}",
+         f"--aot_compile={compile}"]
+  point = {"num_devices": num_devices, "mesh_name": mesh, "per_device_batch": per_device_batch}
+  t0 = time.perf_counter()
+  try:
+    result = subprocess.run(cmd, cwd=REPO, env=_point_env(num_devices), capture_output=True, text=True,
+                            timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {**point, "error": f"compile did not finish in {timeout_s:.0f} s (--aot_timeout)"}
+  for line in result.stdout.splitlines():
+    if line.startswith("AOT_RESULT "):
+      return {**point, **json.loads(line[len("AOT_RESULT "):]), "wall_s": time.perf_counter() - t0}
+  tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+  return {**point, "error": " / ".join(tail) or f"exit code {result.returncode}"}
+
+
+def aot_worker(config, num_devices: int, mesh_name: str, per_device_batch: int, task_kind: str,
+               compile: bool = True) -> dict[str, Any]:
+  """Body of one --aot subprocess: set the mesh and global batch, compile, report."""
+  if jax.device_count() != num_devices:
+    raise RuntimeError(f"the AOT worker sees {jax.device_count()} devices, expected {num_devices}: run it through "
+                       "--aot (which sets XLA_FLAGS=--xla_force_host_platform_device_count).")
+  mesh = parse_mesh(mesh_name, num_devices)
+  with _unlocked(config):
+    for axis, size in mesh.items():
+      config.mesh[axis] = size
+    config.batch_size = per_device_batch * num_devices
+  return aot_compile(config, task_kind, compile)
+
+
+@contextlib.contextmanager
+def _unlocked(config):
+  if hasattr(config, "unlocked"):
+    with config.unlocked():
+      yield
+  else:
+    yield
+
+
+def aot_row(r: dict[str, Any]) -> str:
+  """A markdown row of AOT_HEADER for one point."""
+  mesh = r.get("mesh_name", "")
+  if "error" in r:
+    cells = [str(r["num_devices"]), mesh, str(r["per_device_batch"]), f"failed: {r['error']}"] + [""] * 11
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+  state_cells = [str(r["num_devices"]), mesh, f"{r['per_device_batch']:g}", f"{r['params_bytes'] / GIB:.3f}",
+                 f"{r['opt_state_bytes'] / GIB:.3f}", f"{r['ema_bytes'] / GIB:.3f}"]
+  if r.get("memory") is None:  # --noaot_compile: the state only
+    return "| " + " | ".join(state_cells + ["not compiled"] + [""] * 8) + " |"
+  m = r["memory"]
+  total = m["total"]
+  fits = ["yes" if total <= gib * GIB else "no" for _, gib in FIT_TARGETS]
+  coll = r["collectives"]
+  buffers = sum(max(s["operand_bytes"], s["result_bytes"]) for s in coll.values())
+  traffic = sum(s["traffic_bytes"] for s in coll.values())
+  kinds = ", ".join(f"{int(s['count'])}× {k}" for k, s in coll.items() if s["count"])
+  flops = r["xla_flops_per_device"] * r["num_devices"] / 1e12 if r["xla_flops_per_device"] else float("nan")
+  cells = [*state_cells, f"{m['temp'] / GIB:.2f}", f"{total / GIB:.2f}", *fits, f"{flops:.1f}",
+           f"{buffers / GIB:.2f}", f"{traffic / GIB:.2f}", kinds or "none", f"{r['compile_s']:.0f}"]
+  return "| " + " | ".join(cells) + " |"
+
+
+def run_aot(config_args: Sequence[str], devices: Sequence[int], meshes: Sequence[str],
+            per_device_batches: Sequence[int], *, task_kind: str = "auto", timeout_s: float = 900.0,
+            compile: bool = True, log=print) -> list[dict[str, Any]]:
+  """Every (device count, mesh, per-device batch) point, each in its own subprocess. A fixed-size mesh (fsdp64)
+  is skipped for device counts it does not divide."""
+  results = []
+  for n in devices:
+    for mesh in meshes:
+      try:
+        parse_mesh(mesh, n)
+      except ValueError as e:
+        if re.fullmatch(r"(data|fsdp)", mesh):
+          raise
+        log(f"skipped: {e}")
+        continue
+      for b in per_device_batches:
+        r = run_aot_point(config_args, n, mesh, b, task_kind=task_kind, timeout_s=timeout_s, compile=compile)
+        log(aot_row(r))
+        results.append(r)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BENCHMARKS.md
+
+
+def _fmt(value, spec: str, scale: float = 1.0, missing: str = "n/a") -> str:
+  return missing if value is None else format(value / scale, spec)
+
+
+def measurement_row(m: Measurement, *, config_name: str, command: str, jax_version: str | None = None,
+                    date: str | None = None) -> str:
+  """A markdown row of MEASURED_HEADER."""
+  cells = [date or datetime.date.today().isoformat(), m.mode, f"{m.device} ×{m.num_devices}",
+           jax_version or jax.__version__, config_name, m.mesh, str(m.batch), f"{m.compile_s:.1f}",
+           f"{m.median_s * 1e3:.1f}", f"{m.images_per_s:.2f}", _fmt(m.analytic_flops, ".4g", 1e12),
+           _fmt(m.xla_flops, ".4g", 1e12), _fmt(m.mfu, ".1%"),
+           _fmt(m.peak_memory_bytes, ".2f", GIB, "n/a (backend has no memory_stats)"),
+           _fmt(m.estimated_memory_bytes, ".2f", GIB), f"`{command}`"]
+  return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def append_rows(path, header: str, rows: Sequence[str], preamble: str = "") -> None:
+  """Appends rows to the table at the end of `path` if it has `header`; otherwise starts a new table there."""
+  path = Path(path)
+  text = path.read_text() if path.exists() else ""
+  lines = text.rstrip("\n").splitlines()
+  block = []
+  for line in reversed(lines):
+    if not line.startswith("|"):
+      break
+    block.insert(0, line)
+  out = text.rstrip("\n")
+  if not (block and block[0] == header):
+    separator = "|" + "---|" * (header.count("|") - 1)
+    out += ("\n\n" if out else "") + (preamble + "\n\n" if preamble else "") + header + "\n" + separator
+  path.write_text(out + "\n" + "\n".join(rows) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:args]).", lock_config=True)
+  flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to time.")
+  flags.DEFINE_bool("aot", False, "Compile the train step for meshes of fake CPU devices instead of timing.")
+  flags.DEFINE_enum("task", "auto", ["auto", "trainer", "latent_unet"],
+                    "auto: ldm configs → the U-Net on precomputed latents (no VAE / text tower); others → "
+                    "their trainer. trainer: always the config's trainer (ldm then needs ldm.vae_from/text_from).")
+  flags.DEFINE_integer("steps", 10, "Timed calls (median reported).")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling.")
+  flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU, overriding the PEAKS table.")
+  flags.DEFINE_string("benchmarks", str(REPO / "BENCHMARKS.md"), "File the rows are appended to; '' = none.")
+  flags.DEFINE_list("sample_batch_sizes", ["1", "16"], "Sample mode: batch sizes.")
+  flags.DEFINE_integer("sample_steps", None, "Sample mode: DDIM steps (default config.sample.num_steps or 50).")
+  flags.DEFINE_string("vae", None, "Sample mode: VAE config name (default config.bench.vae, else 'sd').")
+  flags.DEFINE_list("aot_devices", ["8", "64", "256"], "AOT: fake device counts.")
+  flags.DEFINE_list("aot_meshes", ["data", "fsdp"], "AOT: data | fsdp (all devices on that axis) | fsdpK | dataK.")
+  flags.DEFINE_list("aot_per_device_batch", ["1", "8"], "AOT: examples per device.")
+  flags.DEFINE_float("aot_timeout", 1800.0, "AOT: seconds allowed per compile.")
+  flags.DEFINE_bool("aot_compile", True, "AOT: compile the step; --noaot_compile reports the state bytes only.")
+  flags.DEFINE_string("aot_json", "", "AOT: also write every point's full result as JSON lines to this file.")
+  flags.DEFINE_bool("aot_worker", False, "Internal: one AOT compile in this process.")
+  return flags.FLAGS
+
+
+def _config_name(argv: Sequence[str]) -> str:
+  return " ".join(a[len("--config="):] if a.startswith("--config=") else a[2:] for a in argv
+                  if a.startswith("--config"))
+
+
+def main(argv):
+  from absl import flags
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  config = FLAGS.config
+  config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
+  command = "python -m sd_jax.bench " + shlex.join(sys.argv[1:])
+  if FLAGS.aot_worker:
+    result = aot_worker(config, int(FLAGS.aot_devices[0]), FLAGS.aot_meshes[0], int(FLAGS.aot_per_device_batch[0]),
+                        FLAGS.task, FLAGS.aot_compile)
+    print("AOT_RESULT " + json.dumps(result))
+    return
+  if FLAGS.aot:
+    print(AOT_HEADER)
+    print("|" + "---|" * (AOT_HEADER.count("|") - 1))
+    results = run_aot(config_args, [int(n) for n in FLAGS.aot_devices], FLAGS.aot_meshes,
+                      [int(b) for b in FLAGS.aot_per_device_batch], task_kind=FLAGS.task,
+                      timeout_s=FLAGS.aot_timeout, compile=FLAGS.aot_compile)
+    if FLAGS.aot_json:
+      Path(FLAGS.aot_json).write_text("".join(json.dumps(r) + "\n" for r in results))
+    if FLAGS.benchmarks:
+      preamble = (f"AOT plan, {datetime.date.today().isoformat()}, JAX {jax.__version__}, fake CPU devices: "
+                  f"`{command}`")
+      append_rows(FLAGS.benchmarks, AOT_HEADER, [aot_row(r) for r in results], preamble)
+    return
+  if FLAGS.mode == "train":
+    measurements = [bench_train(config, steps=FLAGS.steps, warmup=FLAGS.warmup, task_kind=FLAGS.task,
+                                peak_tflops=FLAGS.peak_tflops)]
+  else:
+    measurements = bench_sample(config, batch_sizes=[int(b) for b in FLAGS.sample_batch_sizes],
+                                num_steps=FLAGS.sample_steps, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                                vae_name=FLAGS.vae, peak_tflops=FLAGS.peak_tflops)
+  rows = [measurement_row(m, config_name=_config_name(config_args), command=command) for m in measurements]
+  print(MEASURED_HEADER)
+  print("\n".join(rows))
+  for m in measurements:
+    print(json.dumps({"mode": m.mode, "batch": m.batch, **{k: v for k, v in m.extra.items() if k != "times_s"}},
+                     default=float))
+  if FLAGS.benchmarks:
+    append_rows(FLAGS.benchmarks, MEASURED_HEADER, rows,
+                "Measured rows (appended by `python -m sd_jax.bench`; device, JAX version and command in each row).")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()  # only here: importing sd_jax.bench (tests, trainer registration) defines no flags
+  app.run(main)
