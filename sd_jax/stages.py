@@ -77,6 +77,7 @@ def run_stage(stage: str, preset: str, workdir: Path, overrides: Sequence[str] =
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
       log.write(line)
+      log.flush()  # the log is readable while the stage runs
       sys.stdout.write(line)
     process.wait()
   if process.returncode:
