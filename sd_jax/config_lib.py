@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.ema_decay = 0.9999          # 0 = no EMA params
   c.ema_start_step = 0          # EMA copies the params exactly until this step
+  # Warm the decay up as min(ema_decay, (1 + k) / (10 + k)), k = steps since ema_start_step (diffusers' EMAModel),
+  # so the EMA forgets the initial weights within a short run; False = the constant ema_decay from the start.
+  c.ema_warmup = True
 
   c.dataset = ml_collections.ConfigDict(dict(
       name="shapes",            # shapes | folder | tfds

@@ -94,12 +94,22 @@ def _example_keys(state: TrainState, global_batch: int) -> jax.Array:
   return jax.random.split(jax.random.fold_in(state.rng, state.step), global_batch)
 
 
+def ema_decay(step, config) -> jax.Array:
+  """The EMA decay applied after `step`: 0 (copy the params) before config.ema_start_step, then config.ema_decay,
+  warmed up as min(ema_decay, (1 + k) / (10 + k)) over the k steps since the start when config.ema_warmup."""
+  k = jnp.asarray(step, jnp.float32) - config.ema_start_step
+  decay = jnp.asarray(config.ema_decay, jnp.float32)
+  if config.get("ema_warmup", False):
+    decay = jnp.minimum(decay, (1.0 + k) / (10.0 + k))
+  return jnp.where(k >= 0, decay, 0.0)
+
+
 def _apply_update(state: TrainState, grads, loss, metrics, *, tx, schedule, config) -> tuple[TrainState, dict]:
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
-    decay = jnp.where(state.step >= config.ema_start_step, config.ema_decay, 0.0)
+    decay = ema_decay(state.step, config)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
   metrics = dict(metrics)
   metrics["loss"] = loss

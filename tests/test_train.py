@@ -183,3 +183,13 @@ def test_relative_workdir(reference, tmp_path, monkeypatch):
   train.train_and_evaluate(_config(total_steps=2, **{"mesh.data": 1}), "runs/relative", devices=jax.devices()[:1])
   assert (tmp_path / "runs" / "relative" / "checkpoints" / "2").is_dir()
   assert len(helpers.losses(tmp_path / "runs" / "relative")) == 2
+
+
+def test_ema_decay_warms_up_then_holds():
+  """EMA decay: 0 before ema_start_step, then min(ema_decay, (1+k)/(10+k)) with warmup, ema_decay without."""
+  config = _config(ema_decay=0.99, ema_start_step=5)
+  got = [float(train.ema_decay(step, config)) for step in (0, 4, 5, 6, 95, 10_000)]
+  np.testing.assert_allclose(got, [0.0, 0.0, 0.1, 2 / 11, 91 / 100, 0.99], rtol=1e-6)
+  config.ema_warmup = False
+  got = [float(train.ema_decay(step, config)) for step in (4, 5, 6)]
+  np.testing.assert_allclose(got, [0.0, 0.99, 0.99], rtol=1e-6)
