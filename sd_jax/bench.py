@@ -57,7 +57,6 @@ from flax import linen as nn
 from sd_jax import flops as flops_lib
 from sd_jax import parallel
 from sd_jax import train as train_lib
-from sd_jax import trainers
 from sd_jax.diffusion import ddim
 from sd_jax.diffusion import losses
 from sd_jax.diffusion import schedules
@@ -108,7 +107,6 @@ def peak_for(device_kind: str) -> tuple[str, float | None]:
 
 
 _DRAWS = ("latent", "caption_drop", "timestep", "noise")
-_BENCH_TRAINER = "_bench_latent_unet"
 
 
 class LatentUNetTask:
@@ -175,7 +173,6 @@ class LatentUNetTask:
     return loss, {}
 
 
-Task = LatentUNetTask  # sd_jax.trainers interface: this module stands in as a trainer (see `make_setup`)
 
 
 def _vae_name(config) -> str:
@@ -196,35 +193,16 @@ def resolve_task_kind(config, task_kind: str) -> str:
 
 
 def make_setup(config, task_kind: str = "auto", devices=None) -> train_lib.Setup:
-  """train.setup(config) with the config's trainer, or with LatentUNetTask in its place.
-
-  train.setup builds `trainers.get(config.trainer).Task(config)` and has no way to take a task object, so for the
-  latent U-Net this module is registered as a trainer for the duration of the call (the hook asked for in the
-  bench's report: `train.setup(config, devices, task=None)`).
-  """
+  """train.setup(config) with the config's trainer, or with a LatentUNetTask in its place."""
   if config.parallelism != "jit":
     raise ValueError(f"config.parallelism={config.parallelism!r}: the bench times the jit step; set "
                      "--config.parallelism=jit.")
   if resolve_task_kind(config, task_kind) == "trainer":
     return train_lib.setup(config, devices)
-  bench_config = config.copy_and_resolve_references()
-  with bench_config.unlocked():
-    bench_config.trainer = _BENCH_TRAINER
-  trainers.TRAINERS[_BENCH_TRAINER] = "sd_jax.bench"
-  try:
-    return train_lib.setup(bench_config, devices)
-  finally:
-    del trainers.TRAINERS[_BENCH_TRAINER]
+  return train_lib.setup(config, devices, task=LatentUNetTask(config))
 
 
-def jit_train_step(exp: train_lib.Setup):
-  """The shared loop's step, jitted exactly as train.train_and_evaluate does (shardings, donation)."""
-  config = exp.config
-  return jax.jit(
-      functools.partial(train_lib.train_step, task=exp.task, tx=exp.tx, schedule=exp.schedule, config=config,
-                        global_batch=config.batch_size, key_sharding=exp.batch_sharding),
-      in_shardings=(exp.state_shardings, exp.batch_sharding, exp.frozen_shardings),
-      out_shardings=(exp.state_shardings, None), donate_argnums=0)
+jit_train_step = train_lib.jit_train_step  # the loop's own jitted step (shardings, donation)
 
 
 def batch_spec(exp: train_lib.Setup) -> dict[str, jax.ShapeDtypeStruct]:

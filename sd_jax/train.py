@@ -222,16 +222,19 @@ class Setup:
     return parallel.batch_sharding(self.mesh, self.rules)
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
-  """Validates the config against the devices and builds the sharded-state machinery (nothing is compiled)."""
+def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
+  """Validates the config against the devices and builds the sharded-state machinery (nothing is compiled).
+
+  `task`: a Task object to use instead of `trainers.get(config.trainer).Task(config)` (e.g. sd_jax.bench's U-Net
+  on precomputed latents)."""
   config_lib.validate(config)
-  trainer_module = trainers.get(config.trainer)
+  trainer_module = trainers.get(config.trainer) if task is None else None
   pipeline.validate_config(config.dataset)
   devices = list(jax.devices() if devices is None else devices)
   mesh = parallel.create_mesh(config.mesh, devices)
   check_config_against_devices(config, mesh, jax.process_count())
   rules = parallel.rules_tuple(config.logical_axis_rules)
-  task = trainer_module.Task(config)
+  task = trainer_module.Task(config) if task is None else task
   tx, schedule = make_optimizer(config.optim, config.total_steps)
 
   # eval_shape with the params still logically boxed, so optimizer and EMA state inherit the axis names
@@ -259,6 +262,16 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   return Setup(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                state_shardings=state_shardings, abstract_state=abstract_sharded, boxed_params=boxed_state.params,
                init_fn=jax.jit(init_state, out_shardings=state_shardings), frozen_shardings=frozen_shardings)
+
+
+def jit_train_step(exp: Setup):
+  """`train_step` jitted with the setup's shardings and the state donated: the loop's step (and the bench's)."""
+  config = exp.config
+  return jax.jit(
+      functools.partial(train_step, task=exp.task, tx=exp.tx, schedule=exp.schedule, config=config,
+                        global_batch=config.batch_size, key_sharding=exp.batch_sharding),
+      in_shardings=(exp.state_shardings, exp.batch_sharding, exp.frozen_shardings),
+      out_shardings=(exp.state_shardings, None), donate_argnums=0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, float]:
@@ -312,11 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     state = put_state(state)
     frozen = put_state(frozen) if frozen is not None else None
   else:
-    step_fn = jax.jit(
-        functools.partial(train_step, task=task, tx=tx, schedule=schedule, config=config, global_batch=global_batch,
-                          key_sharding=batch_sharding),
-        in_shardings=(state_shardings, batch_sharding, exp.frozen_shardings), out_shardings=(state_shardings, None),
-        donate_argnums=0)
+    step_fn = jit_train_step(exp)
     put_batch = functools.partial(parallel.host_batch_to_global, sharding=batch_sharding)
     get_state = lambda s: s  # noqa: E731
 
