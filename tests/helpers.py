@@ -32,6 +32,13 @@ def losses(workdir) -> dict[int, float]:
   return {row["step"]: row["loss"] for row in metrics.read_metrics(workdir) if "loss" in row}
 
 
+def xla_flags(num_devices: int) -> str:
+  """XLA_FLAGS for a subprocess with `num_devices` CPU devices, keeping this process's other flags (conftest.py)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([f"--xla_force_host_platform_device_count={num_devices}", *flags])
+
+
 def run_main(args: list[str], *, env: dict[str, str] | None = None, timeout: int = 300,
              check: bool = False) -> subprocess.CompletedProcess:
   """Runs `python -m sd_jax.main ARGS` in a fresh process (its own device count from env XLA_FLAGS)."""

@@ -17,8 +17,7 @@ COMMON = ["--config.log_every_steps=1", "--config.eval_every_steps=-1", "--confi
 
 
 def _env(num_devices: int, data_dir: str) -> dict[str, str]:
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}", "JAX_PLATFORMS": "cpu",
-          "SD_JAX_DATA_DIR": data_dir}
+  return {"XLA_FLAGS": helpers.xla_flags(num_devices), "JAX_PLATFORMS": "cpu", "SD_JAX_DATA_DIR": data_dir}
 
 
 def test_explicit_process_flags_start_jax_distributed(monkeypatch):

@@ -44,8 +44,7 @@ SWEEP = Sweep(
 
 
 def _env(devices: int, data_dir: str) -> dict[str, str]:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-          "SD_JAX_DATA_DIR": data_dir}
+  return {**os.environ, "XLA_FLAGS": helpers.xla_flags(devices), "JAX_PLATFORMS": "cpu", "SD_JAX_DATA_DIR": data_dir}
 
 
 def _sweep(*args, env, monkeypatch):
