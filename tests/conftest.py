@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices (sharding tests), float32, no network, datasets built into a per-session dir."""
 
+import json
 import os
+import shutil
 import tempfile
 
 # The test programs are tiny and compiling them dominates the suite: skip LLVM's optimisations (as sd_jax.bench
@@ -23,3 +25,80 @@ def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")
   os.environ["SD_JAX_DATA_DIR"] = str(path)
   return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pytest-xdist (`-n auto`): tests that share a module-scoped fixture (a training run, a converted model, compiled
+# samplers) run on one worker, so the fixture is built once rather than once per worker; every other test is
+# scheduled on its own, as `--dist load` does. (xdist's own `--dist loadgroup` cannot group with pytest 9: it renames
+# node ids through an attribute pytest no longer reads.) The workers write which tests share a module's fixtures
+# to a file; the controller's scheduler reads it once every worker has collected. An explicit --dist other than
+# load is left alone.
+
+_GROUPS_FILE = "sd_jax_groups_file"
+# Tests that take minutes on 2 cores and share no fixture: started first, so that none of them is left for the end.
+_SLOW_FIRST = ("tests/test_multiprocess.py::test_sigterm", "tests/experiments/test_launch.py::",
+               "tests/test_bench.py::test_train_mode", "tests/test_bench.py::test_aot",
+               "tests/test_train.py::test_nonfinite", "tests/test_train.py::test_resharded")
+
+
+def _module_group(item) -> str | None:
+  """The test's module if it uses a module-scoped fixture."""
+  info = getattr(item, "_fixtureinfo", None)
+  if info is None:
+    return None
+  if any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+    return item.nodeid.split("::")[0]
+  return None
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "load" or not getattr(config, "sd_jax_groups_file", None):
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ModuleFixtureScheduling(LoadScopeScheduling):
+    """LoadScopeScheduling whose scope is the group the workers wrote, else the test itself (`load`)."""
+
+    groups = None
+
+    def _split_scope(self, nodeid):
+      if self.groups is None:  # first called once every worker has collected (and written the file)
+        try:
+          with open(config.sd_jax_groups_file) as f:
+            self.groups = json.load(f)
+        except (OSError, ValueError):
+          self.groups = {}
+      return self.groups.get(nodeid, nodeid)
+
+  return ModuleFixtureScheduling(config, log)
+
+
+def pytest_configure(config):
+  if getattr(config.option, "dist", "no") == "load" and not hasattr(config, "workerinput"):  # the xdist controller
+    config.sd_jax_groups_file = os.path.join(tempfile.mkdtemp(prefix="sd_jax_xdist_"), "groups.json")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_configure_node(node):
+  path = getattr(node.config, "sd_jax_groups_file", None)
+  if path:
+    node.workerinput[_GROUPS_FILE] = path
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, "sd_jax_groups_file", None)
+  if path:
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  path = getattr(config, "workerinput", {}).get(_GROUPS_FILE)
+  if path:
+    items.sort(key=lambda item: not item.nodeid.startswith(_SLOW_FIRST))  # stable
+    groups = {item.nodeid: group for item in items if (group := _module_group(item)) is not None}
+    tmp = f"{path}.{config.workerinput['workerid']}"
+    with open(tmp, "w") as f:
+      json.dump(groups, f)
+    os.replace(tmp, path)  # the workers write the same mapping
