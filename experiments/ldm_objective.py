@@ -1,9 +1,9 @@
 """Ablation: the diffusion objective of the shapes latent-diffusion model, then classifier-free guidance.
 
 epsilon vs v-prediction × min-SNR-γ weighting off (γ = 0) / on (γ = 5, Hang et al. 2023), 2 seeds each: 8 runs of
-configs/shapes_ldm.py:demo (1,200 steps; minutes each on a CPU). Each run logs the held-out loss and, with a shapes
+configs/shapes_ldm.py:demo (1,000 steps; minutes each on a CPU). Each run logs the held-out loss and, with a shapes
 evaluator, eval_shapes_acc_test / eval_shapes_acc_compositional (samples at sample.guidance_scale = 4 for held-out
-captions, checked by sd_jax/eval/shapes_eval.py) at steps 600 and 1,200. Then, for the group (both seeds) with the best
+captions, checked by sd_jax/eval/shapes_eval.py) at steps 500 and 1,000. Then, for the group (both seeds) with the best
 mean final test-split accuracy, the `guidance` evaluation draws the same prompts at guidance scales 1..9
 (experiments/shapes_accuracy.py) to plot accuracy against guidance.
 
