@@ -254,7 +254,9 @@ def test_sd2_style_single_file_with_open_clip_text(tmp_path):
 def test_model_trained_here_loads_in_diffusers(data_dir, tmp_path):
   """Train the pixel-space DDPM a few steps, export its EMA U-Net, load it with diffusers: same noise prediction."""
   from sd_jax import train
-  config = helpers.load_config(total_steps=2, eval_every_steps=-1, **{"mesh.data": 1})
+  # The train step of tests/test_train.py's reference run (constant schedule): JAX's persistent compilation cache
+  # usually has it.
+  config = helpers.load_config(total_steps=2, eval_every_steps=-1, **{"mesh.data": 1, "optim.schedule": "constant"})
   train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
   result = _convert(f"--to_diffusers={tmp_path / 'run' / 'export'}", f"--out={tmp_path / 'diffusers'}")
   assert result.returncode == 0, result.stderr[-3000:]

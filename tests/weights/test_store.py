@@ -32,7 +32,9 @@ def test_relative_paths(tmp_path, monkeypatch):
 
 def test_component_works_as_init_from(tmp_path, data_dir):
   """Imported weights fine-tune through the usual init_from path."""
-  config = helpers.load_config(total_steps=1, eval_every_steps=-1, **{"mesh.data": 1})
+  # The train step of tests/test_train.py's reference run (2 steps: warmup_steps=2 fits; constant schedule): JAX's
+  # persistent compilation cache usually has it.
+  config = helpers.load_config(total_steps=2, eval_every_steps=-1, **{"mesh.data": 1, "optim.schedule": "constant"})
   setup = train.setup(config, devices=jax.devices()[:1])
   params = jax.device_get(setup.init_fn(jax.random.PRNGKey(7)).params)
   store.save_component(tmp_path / "model", "unet", dict(config.model), params)
