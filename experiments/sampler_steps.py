@@ -74,7 +74,7 @@ def markdown(rows: list[dict], metrics: Sequence[str], steps: Sequence[int]) -> 
   """One table per metric: samplers down, step counts across."""
   parts = []
   for m in [*metrics, "seconds"]:
-    title = "sampling seconds (whole batch, after compile)" if m == "seconds" else m
+    title = "sampling seconds (all prompts, compile included)" if m == "seconds" else m
     lines = [f"**{title}**", "", "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
              "|---|" + "---|" * len(steps)]
     by_sampler: dict[str, dict[int, object]] = {}
