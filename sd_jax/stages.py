@@ -127,7 +127,7 @@ def evaluate_model(model_dir, dataset: dict[str, Any], evaluator, *, num_prompts
     seconds = time.time() - start
     score = evaluator.score(images, prompts)
     results[split] = {"accuracy": float(score.accuracy), "num_prompts": len(prompts), "sample_seconds":
-                      round(seconds, 1)}
+                      round(seconds, 1), **score.breakdown()}
     print(f"{split}: {score.accuracy:.3f} of {len(prompts)} generated images show every shape their prompt names "
           f"(colour and kind)", flush=True)
     k = min(grid_prompts, len(prompts))
@@ -160,10 +160,15 @@ def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
     shown = ", ".join(f"{k} {final[k]:.4g}" for k in picks[stage] if k in final)
     times = summary["stages"].get(stage, {}).get("time", {})
     lines.append(f"| {stage} | {shown} | {times.get('wall_seconds', '-')} s | {times.get('cpu_seconds', '-')} s |")
-  lines += ["", "| held-out split | shapes accuracy (colour and kind of every named shape) | prompts |",
-            "|---|---|---|"]
+  lines += ["", "| held-out split | shapes accuracy (colour and kind of every named shape) | prompts | one-shape "
+            "prompts | two-shape prompts | shapes found (colour+kind / colour / kind) |", "|---|---|---|---|---|---|"]
+
+  def fmt(r, key):
+    return f"{r[key]:.3f}" if isinstance(r.get(key), float) and r[key] == r[key] else "-"
   for split, r in summary["heldout"].items():
-    lines.append(f"| {split} | {r['accuracy']:.3f} | {r['num_prompts']} |")
+    lines.append(f"| {split} | {r['accuracy']:.3f} | {r['num_prompts']} | {fmt(r, 'accuracy_one_shape')} | "
+                 f"{fmt(r, 'accuracy_two_shapes')} | {fmt(r, 'shape_recall')} / {fmt(r, 'colour_recall')} / "
+                 f"{fmt(r, 'kind_recall')} |")
   ev = summary.get("evaluator", {})
   if ev:
     lines += ["", f"Evaluator's own accuracy on real images: test {ev.get('test')}, compositional "

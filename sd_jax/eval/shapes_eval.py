@@ -247,6 +247,24 @@ class ScoreResult:
     """Fraction of images that match their prompt."""
     return float(np.mean(self.matches)) if len(self.matches) else float("nan")
 
+  def breakdown(self) -> dict[str, float]:
+    """Where the misses are: accuracy of one-shape and of two-shape prompts, and recalls over every named shape.
+
+    shape_recall: named (colour, kind) pairs detected / named pairs; colour_recall / kind_recall: named shapes whose
+    colour (with any kind) / kind (in any colour) is detected. NaN where a group is empty.
+    """
+    def mean(values) -> float:
+      values = list(values)
+      return float(np.mean(values)) if values else float("nan")
+    shapes = [(pair, detected) for named, detected in zip(self.named, self.detected, strict=True) for pair in named]
+    return {
+        "accuracy_one_shape": mean(m for m, n in zip(self.matches, self.named, strict=True) if len(n) == 1),
+        "accuracy_two_shapes": mean(m for m, n in zip(self.matches, self.named, strict=True) if len(n) == 2),
+        "shape_recall": mean(pair in d for pair, d in shapes),
+        "colour_recall": mean(any(c == pair[0] for c, _ in d) for pair, d in shapes),
+        "kind_recall": mean(any(k == pair[1] for _, k in d) for pair, d in shapes),
+    }
+
 
 class ShapesEvaluator:
   """A trained `ShapesClassifier` with its input handling; see the module docstring."""

@@ -140,6 +140,22 @@ def test_prompt_count_must_match(untrained, real):
     untrained.score(real["test"].images[:4], real["test"].captions[:3])
 
 
+def test_breakdown_locates_the_misses():
+  """Per-prompt-type accuracy and per-shape recalls, from hand-made detections."""
+  result = se.ScoreResult(
+      matches=np.array([True, False, False, True]),
+      named=[[("red", "circle")], [("blue", "star")], [("red", "square"), ("green", "cross")],
+             [("white", "star"), ("cyan", "circle")]],
+      detected=[{("red", "circle"): 0.9}, {("blue", "cross"): 0.8}, {("red", "square"): 0.9, ("green", "star"): 0.7},
+                {("white", "star"): 0.9, ("cyan", "circle"): 0.6}])
+  b = result.breakdown()
+  assert b["accuracy_one_shape"] == 0.5 and b["accuracy_two_shapes"] == 0.5
+  assert b["shape_recall"] == 4 / 6       # red circle, red square, white star, cyan circle
+  assert b["colour_recall"] == 1.0        # every named colour is there (blue as a cross, green as a star)
+  assert b["kind_recall"] == 4 / 6        # the star and the cross are missing in their images
+  assert np.isnan(se.ScoreResult(np.array([True]), [[("red", "circle")]], [{}]).breakdown()["accuracy_two_shapes"])
+
+
 def test_command_line_writes_weights_and_report(tmp_path, capsys):
   out = tmp_path / "ev"
   se.main(["shapes_eval", "--out", str(out), "--steps", "3", "--batch_size", "8", "--eval_examples", "8"])
