@@ -641,8 +641,12 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
       "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "dtype": args.dtype,
       "command": shlex.join(["python", "-m", "sd_jax.evaluate", *argv]),
   }
+  if scorers.shapes_evaluator is not None:  # where the misses are: one- vs two-shape prompts, colour / kind recall
+    result_extra = {"shapes_breakdown": scorers.shapes_evaluator.score(images, list(prompts)).breakdown()}
+  else:
+    result_extra = {}
   result = {
-      **results, "format": RESULT_FORMAT, "settings": settings,
+      **results, **result_extra, "format": RESULT_FORMAT, "settings": settings,
       "reference": {space: {"cache_file": r.cache_file, "cached": r.cached, "num_images": r.stats.num_images}
                     for space, r in references.items()},
       "timing": {"sample_seconds": round(sample_seconds, 2), "score_seconds": round(time.time() - score_start, 2),
@@ -652,6 +656,8 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
   out.write_text(json.dumps(result, indent=2, sort_keys=True))
 
   summary = ", ".join(f"{m} {v:.4g}" for m, v in results.items())
+  if result_extra:
+    summary += " (" + ", ".join(f"{k} {v:.3g}" for k, v in result_extra["shapes_breakdown"].items()) + ")"
   print(f"{summary}\nwrote {out}", flush=True)
   if run is not None:
     from sd_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel

@@ -211,8 +211,9 @@ def test_compositional_split_and_another_sampler(env):
   prompts = evaluate.split_prompts(dataset, "compositional", N)
   images = sample_lib.Pipeline.from_workdir(env["workdir"]).generate(
       prompts, steps=STEPS, guidance=env["config"].sample.guidance_scale, seed=0, batch_size=N, sampler="euler")
-  assert result["shapes_accuracy"] == shapes_eval.load_evaluator(str(env["evaluator_dir"])).score(
-      images, prompts).accuracy
+  score = shapes_eval.load_evaluator(str(env["evaluator_dir"])).score(images, prompts)
+  assert result["shapes_accuracy"] == score.accuracy
+  np.testing.assert_equal(result["shapes_breakdown"], score.breakdown())  # NaN where a prompt type is absent
   row = _eval_rows(env["workdir"])[-1]
   assert row["step"] == FINAL_STEP and row["eval_shapes_acc_compositional"] == result["shapes_accuracy"]
   assert "eval_shapes_acc_test" not in row
