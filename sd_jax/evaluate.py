@@ -396,9 +396,11 @@ def reference_statistics(scorers: Scorers, dataset: Mapping[str, Any], split: st
 
 
 def score_images(images: np.ndarray, prompts: Sequence[str], scorers: Scorers, references: Mapping[str, Reference],
-                 *, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict[str, float]:
+                 *, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+                 details: dict[str, Any] | None = None) -> dict[str, float]:
   """{metric: value} of images [N, H, W, 3] (uint8, or float in [-1, 1]) drawn for `prompts`, for every metric of
-  `scorers` (plus <kernel distance>_std)."""
+  `scorers` (plus <kernel distance>_std). With `details`, also stores there what is not one number per metric:
+  "shapes_breakdown" (ScoreResult.breakdown) when shapes_accuracy is scored."""
   from sd_jax.eval import clip_score as clip_score_lib  # pylint: disable=import-outside-toplevel
   from sd_jax.eval import fid as fid_lib  # pylint: disable=import-outside-toplevel
   if len(images) != len(prompts):
@@ -421,7 +423,10 @@ def score_images(images: np.ndarray, prompts: Sequence[str], scorers: Scorers, r
                                                       tokenizer=scorers.clip_tokenizer,
                                                       normalization=scorers.clip_normalization).score
   if "shapes_accuracy" in scorers.metrics:
-    results["shapes_accuracy"] = float(scorers.shapes_evaluator.score(images, list(prompts)).accuracy)
+    shapes = scorers.shapes_evaluator.score(images, list(prompts))
+    results["shapes_accuracy"] = float(shapes.accuracy)
+    if details is not None:  # where the misses are: one- vs two-shape prompts, colour / kind recall
+      details["shapes_breakdown"] = shapes.breakdown()
   return {m: float(v) for m, v in results.items()}
 
 
@@ -623,8 +628,9 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
   sample_seconds = time.time() - sample_start
   print(f"=== scoring {', '.join(metrics)}", flush=True)
   score_start = time.time()
+  result_extra: dict[str, Any] = {}
   results = score_images(images, prompts, scorers, references, kid_subsets=args.kid_subsets,
-                         kid_subset_size=args.kid_subset_size, seed=args.seed)
+                         kid_subset_size=args.kid_subset_size, seed=args.seed, details=result_extra)
 
   base = args.workdir or args.pretrained
   out = epath.Path(args.out) if args.out else default_out(base, metrics, args.sampler, args.steps, split, eval_split)
@@ -641,10 +647,6 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
       "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "dtype": args.dtype,
       "command": shlex.join(["python", "-m", "sd_jax.evaluate", *argv]),
   }
-  if scorers.shapes_evaluator is not None:  # where the misses are: one- vs two-shape prompts, colour / kind recall
-    result_extra = {"shapes_breakdown": scorers.shapes_evaluator.score(images, list(prompts)).breakdown()}
-  else:
-    result_extra = {}
   result = {
       **results, **result_extra, "format": RESULT_FORMAT, "settings": settings,
       "reference": {space: {"cache_file": r.cache_file, "cached": r.cached, "num_images": r.stats.num_images}
