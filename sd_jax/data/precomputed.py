@@ -9,6 +9,8 @@ posterior, not one sample of it, so training still draws z ~ q(z | image) with f
     latent_logvar.npy   [N, h, w, c]  its log-variance (the std as DiagonalGaussian keeps it: sampling is the
                                       same arithmetic as from the live encoder)
     context.npy         [N, L, D]     text tower output, the U-Net's context
+    tokens.npy          [N, L] int32  the tokenized captions, so that a run that fine-tunes the text tower
+                                      (ldm.train_text_encoder) encodes them itself and still reads the latents
     captions.json       the N captions (decoded from the tokens), for sample prompts and inspection
     meta.json           what produced the files (`fingerprint`) and their shapes; written last, into a temporary
                         directory renamed into place, so a split directory that exists is complete
@@ -22,7 +24,7 @@ NumPy alone. (array_record would be the choice for object stores, where memory m
 
     precomputed.write_split(DIR, "train", batches, encode_fn, fingerprint=...)   # once
     it = precomputed.create_iterator(DIR, split="train", global_batch_size=256, seed=0)
-    batch = next(it)   # {"latent_mean", "latent_logvar", "context"} float32, this host's rows
+    batch = next(it)   # {"latent_mean", "latent_logvar", "context"} float32 and "tokens" int32, this host's rows
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from etils import epath
 from sd_jax.data import pipeline
 
 ARRAYS = ("latent_mean", "latent_logvar", "context")
+TOKENS = "tokens"  # int32, copied from the input batches (absent from splits written before it was stored)
 META_FILE = "meta.json"
 CAPTIONS_FILE = "captions.json"
 
@@ -77,7 +80,8 @@ def write_split(directory, split: str, batches: Iterable[dict[str, np.ndarray]],
     directory: the precompute directory (created if needed).
     split: split name (a subdirectory).
     batches: the split's batches in evaluation order; the last one may be partial.
-    encode_fn: batch -> {"latent_mean", "latent_logvar", "context"} arrays with a leading batch axis.
+    encode_fn: batch -> {"latent_mean", "latent_logvar", "context"} arrays with a leading batch axis. The
+      batches' "tokens" are stored as they are (int32).
     num_examples: examples in the split (the files are preallocated).
     fingerprint: JSON-able description of what produced the data, checked when the data is reused.
     captions_fn: tokens [B, L] -> B captions to store (None: no captions.json).
@@ -97,10 +101,15 @@ def write_split(directory, split: str, batches: Iterable[dict[str, np.ndarray]],
     if not files:
       files = {k: np.lib.format.open_memmap(str(tmp / f"{k}.npy"), mode="w+", dtype=dtype,
                                             shape=(num_examples, *encoded[k].shape[1:])) for k in ARRAYS}
+      if TOKENS in batch:
+        files[TOKENS] = np.lib.format.open_memmap(str(tmp / f"{TOKENS}.npy"), mode="w+", dtype=np.int32,
+                                                  shape=(num_examples, *np.shape(batch[TOKENS])[1:]))
     if start + n > num_examples:
       raise ValueError(f"split {split!r} yielded more than num_examples={num_examples} examples.")
     for k in ARRAYS:
       files[k][start:start + n] = encoded[k]
+    if TOKENS in files:
+      files[TOKENS][start:start + n] = np.asarray(batch[TOKENS])
     if captions_fn is not None:
       captions.extend(captions_fn(np.asarray(batch["tokens"])))
     start += n
@@ -120,7 +129,8 @@ def write_split(directory, split: str, batches: Iterable[dict[str, np.ndarray]],
 
 
 class PrecomputedSource:
-  """Random access to one split: [i] -> {"latent_mean", "latent_logvar", "context"} float32 (grain source).
+  """Random access to one split: [i] -> {"latent_mean", "latent_logvar", "context"} float32 and, where the split
+  stores them, "tokens" int32 (a grain source).
 
   The memory maps are opened lazily, so the source pickles cheaply into grain worker processes.
   """
@@ -136,14 +146,19 @@ class PrecomputedSource:
   def __len__(self) -> int:
     return int(self.meta["num_examples"])
 
+  @property
+  def has_tokens(self) -> bool:
+    return TOKENS in self.meta["shapes"]
+
   def _open(self) -> dict[str, np.ndarray]:
     if self._arrays is None:
-      self._arrays = {k: np.load(str(self.path / f"{k}.npy"), mmap_mode="r") for k in ARRAYS}
+      names = ARRAYS + ((TOKENS,) if self.has_tokens else ())
+      self._arrays = {k: np.load(str(self.path / f"{k}.npy"), mmap_mode="r") for k in names}
     return self._arrays
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     arrays = self._open()
-    return {k: np.asarray(arrays[k][index], np.float32) for k in ARRAYS}
+    return {k: np.asarray(v[index], np.int32 if k == TOKENS else np.float32) for k, v in arrays.items()}
 
   def captions(self) -> list[str]:
     path = self.path / CAPTIONS_FILE

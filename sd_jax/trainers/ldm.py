@@ -24,7 +24,9 @@ scheduler) that `load_model` and `python -m sd_jax.convert --to_diffusers` read.
 Precomputed latents: with `ldm.precompute_dir` (tied to `dataset.precomputed_dir` in configs/shapes_ldm.py) the
 run first encodes the train and eval splits once (`precompute`, sd_jax/data/precomputed.py: VAE posteriors and text
 contexts), and then trains from them; a later run with the same networks and data reuses them, one with other
-networks or data is refused. Each step still draws its own posterior sample.
+networks or data is refused. Each step still draws its own posterior sample. The stored tokens let a run that
+fine-tunes the text tower (`ldm.train_text_encoder`) read the latents too: it encodes the tokens with its own tower
+and ignores the stored contexts.
 """
 
 from __future__ import annotations
@@ -298,7 +300,10 @@ class Task:
     z = jax.vmap(lambda p, k: p.sample(k))(posterior, draws["latent"])  # one posterior sample per example
     latents = self.vae.scale_latents(z)                                  # [B, h, w, c]
 
-    context = batch["context"] if "context" in batch else self.nets.encode_text(text_params, batch["tokens"])
+    if "context" in batch and not self.train_text:
+      context = batch["context"]  # precomputed by the frozen tower
+    else:
+      context = self.nets.encode_text(text_params, batch["tokens"])
     empty = self.nets.encode_text(text_params, self.nets.empty_tokens)   # [1, L, D]
     drop = self.caption_drop_mask(keys, caption_dropout)
     context = jnp.where(drop[:, None, None], empty.astype(context.dtype), context)
@@ -461,7 +466,8 @@ def _fingerprint(config, nets: FrozenNetworks, split: str) -> dict[str, Any]:
 
 def precompute(config, out_dir: str | None = None, splits: Sequence[str] | None = None,
                nets: FrozenNetworks | None = None) -> epath.Path:
-  """Encodes the training and held-out splits once: VAE posteriors (mean, log-variance) and text contexts.
+  """Encodes the training and held-out splits once: VAE posteriors (mean, log-variance) and text contexts, stored
+  with the captions' tokens.
 
   Written to `out_dir` (default config.ldm.precompute_dir) in sd_jax/data/precomputed.py's layout; a split already
   there from the same networks and data is reused, one from others is an error. Runs on process 0's default device.
@@ -470,8 +476,6 @@ def precompute(config, out_dir: str | None = None, splits: Sequence[str] | None 
   out = out_dir or config.ldm.precompute_dir
   if not out:
     raise ValueError("precompute needs an output directory: set config.ldm.precompute_dir or pass out_dir.")
-  if config.ldm.train_text_encoder:
-    raise ValueError("config.ldm.train_text_encoder=True: precomputed contexts would freeze the text tower.")
   if config.dataset.crop == "random" or config.dataset.random_flip:
     raise ValueError("config.dataset.crop='random' / random_flip would be frozen into the precomputed latents; "
                      "precompute from centre crops without flips.")
@@ -479,6 +483,10 @@ def precompute(config, out_dir: str | None = None, splits: Sequence[str] | None 
   encode = jax.jit(nets.encode)
   for split in splits or (config.dataset.train_split, config.dataset.eval_split):
     if precomputed_lib.check_fingerprint(out, split, _fingerprint(config, nets, split)):
+      if config.ldm.train_text_encoder and not precomputed_lib.PrecomputedSource(out, split).has_tokens:
+        raise ValueError(f"{precomputed_lib.split_dir(out, split)} was written without the tokens that "
+                         "config.ldm.train_text_encoder=True re-encodes (an older sd_jax). Delete it to recompute, "
+                         "or choose another config.ldm.precompute_dir.")
       logging.info("Precomputed %s split found in %s; reusing it.", split, out)
       continue
     if jax.process_index() == 0:

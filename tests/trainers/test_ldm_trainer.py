@@ -288,6 +288,37 @@ def test_precompute_matches_online_encoding(stages, trained, tmp_path):
   with pytest.raises(ValueError, match=r"different setup \(clip_skip: stored 0 vs now 1\)"):
     ldm.precompute(_config(stages, **{"ldm.clip_skip": 1}), str(out))
 
+  # A tuned text tower reads the stored tokens and encodes them itself: the stored contexts are ignored, and the
+  # loss equals that of the image run with the same tower.
+  assert meta["shapes"]["tokens"] == [meta["num_examples"], 16]
+  tuned = ldm.Task(_config(stages, **{"ldm.train_text_encoder": True, "ldm.precompute_dir": str(out)}))
+  ldm.precompute(tuned.config, str(out))  # the same files serve it
+  text = jax.tree.map(lambda x: x * 1.5, store.load_component(stages[1], "text_encoder")[1])  # "tuned" weights
+  tuned_params, tuned_frozen = {"unet": params, "text_encoder": text}, {"vae": frozen["vae"]}
+  tuned_loss = jax.jit(tuned.per_example_loss)
+  images = pipeline.create_iterator(config.dataset, split="train", global_batch_size=8, seed=config.seed)
+  latents = precomputed.create_iterator(out, split="train", global_batch_size=8, seed=config.seed)
+  image_batch, latent_batch = next(images), next(latents)
+  images.close()
+  latents.close()
+  np.testing.assert_array_equal(latent_batch["tokens"], image_batch["tokens"])
+  assert latent_batch["tokens"].dtype == np.int32
+  from_latents = tuned_loss(tuned_params, tuned_frozen, latent_batch, keys, config.ldm.caption_dropout)[0]
+  from_images = tuned_loss(tuned_params, tuned_frozen, image_batch, keys, config.ldm.caption_dropout)[0]
+  np.testing.assert_allclose(from_latents, from_images, rtol=1e-5, atol=1e-6)
+  frozen_loss = per_example(params, frozen, latent_batch, keys, config.ldm.caption_dropout)[0]
+  assert not np.allclose(from_latents, frozen_loss)  # the tuned tower's contexts, not the stored ones
+
+  # A split written before tokens were stored serves frozen runs but not a tuned tower.
+  meta_file = out / "train" / precomputed.META_FILE
+  old = json.loads(meta_file.read_text())
+  del old["shapes"]["tokens"]
+  meta_file.write_text(json.dumps(old))
+  (out / "train" / "tokens.npy").unlink()
+  assert set(precomputed.PrecomputedSource(out, "train")[0]) == set(precomputed.ARRAYS)
+  with pytest.raises(ValueError, match=r"written without the tokens .* Delete it to recompute"):
+    ldm.precompute(tuned.config, str(out))
+
 
 def test_training_from_precomputed_latents_matches_the_image_run(stages, reference, tmp_path):
   """ldm.precompute_dir in the loop: encoded once before training, then read instead of the images; the losses
