@@ -10,7 +10,8 @@ first 128 captions of the held-out `test` split and of the `compositional` split
 evaluation draws the same test and compositional prompts at guidance scales 1..9 (experiments/shapes_accuracy.py).
 
 This is a short-budget ablation: it asks which objective learns the shapes soonest (600 steps, a fifth of the full
-preset's 3,000), not which ends best.
+preset's 3,000 at the time), not which ends best. The text tower stays frozen, as it was when the committed results
+were measured (the full preset now fine-tunes it).
 
 Needs a full shapes run and a shapes evaluator first (SD_JAX_STAGES: the stages' --workdir, default workdirs/full;
 SD_JAX_SHAPES_EVALUATOR: the evaluator directory, default ~/.cache/sd_jax/shapes_evaluator, where the stages put it):
@@ -37,6 +38,7 @@ SWEEP = Sweep(
         "ldm.vae_from": os.path.join(_STAGES, "vae", "export"),
         "ldm.text_from": os.path.join(_STAGES, "clip", "export"),
         "ldm.precompute_dir": os.path.join(_STAGES, "ldm_latents"),
+        "ldm.train_text_encoder": False,  # the frozen tower the committed results were measured with
         "sample.shapes_evaluator": _EVALUATOR,
         "sample.shapes_eval_prompts": 128,
         "total_steps": 600,
