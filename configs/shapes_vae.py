@@ -33,7 +33,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.trainer = "vae"
   c.batch_size = 32
-  # 1,500 steps: 31.6 dB on `test` at step 1,500 of a 2,000-step run (RESULTS.md), above the 30 dB bar; the 500
+  # 1,500 steps: 31.04 dB on `test` in the session-5 full run (RESULTS.md), above the 30 dB bar; the 500
   # steps saved go to the LDM stage of `sd_jax.stages --preset=full`.
   c.total_steps = 1_500
   c.log_every_steps = 50
