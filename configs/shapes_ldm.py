@@ -101,6 +101,7 @@ def get_config(arg=None):
       min_snr_gamma=5.0,
       offset_noise=0.0,         # per-channel offset added to the noise (0.1 is common)
       zero_terminal_snr=False,  # rescale to ᾱ_{T-1} = 0 (needs v_prediction; sample with timestep_spacing=trailing)
+      snr_shift=1.0,            # multiply the SNR at every t (applied before zero_terminal_snr); 1 = off
   ))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(),               # sample-grid prompts; () = the first num_prompts captions of the held-out split

@@ -88,6 +88,7 @@ class SamplerConfig:
   beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2 (alias cosine)
   beta_start: float = 0.00085  # β_0 of the linear schedules
   beta_end: float = 0.012  # β_{T-1} of the linear schedules
+  trained_betas: tuple[float, ...] | None = None  # a β table of length T; replaces beta_schedule/start/end
   rescale_betas_zero_snr: bool = False  # Lin et al. 2023: ᾱ_{T-1} = 0 (pair with v_prediction, trailing)
   prediction_type: str = "epsilon"  # what the model predicts: epsilon | v_prediction | sample
   timestep_spacing: str = "leading"  # leading | trailing | linspace
@@ -132,6 +133,13 @@ def check_config(config: SamplerConfig) -> None:
                      "sampler='ddim'.")
   if config.num_train_timesteps < 2:
     raise ValueError(f"num_train_timesteps={config.num_train_timesteps}: must be >= 2.")
+  if config.trained_betas is not None:
+    betas = np.asarray(config.trained_betas, dtype=np.float64)
+    if betas.shape != (config.num_train_timesteps,):
+      raise ValueError(f"trained_betas has {betas.size} values but num_train_timesteps={config.num_train_timesteps}:"
+                       " they must match.")
+    if not np.all((betas > 0) & (betas < 1)):
+      raise ValueError("trained_betas: every β must be in (0, 1).")
 
 
 _SCHEDULER_CLASSES = {
@@ -156,15 +164,14 @@ def config_from_diffusers(scheduler_config: Mapping[str, Any], sampler: str | No
       and "dpmpp_2m" for other classes (e.g. SD 1.x's PNDMScheduler).
     overrides: SamplerConfig fields to set after reading (e.g. use_karras_sigmas=True).
   """
-  if scheduler_config.get("trained_betas") is not None:
-    raise ValueError("scheduler_config.trained_betas is set: custom beta tables are not supported; use "
-                     "beta_schedule/beta_start/beta_end.")
   if scheduler_config.get("thresholding"):
     raise ValueError("scheduler_config.thresholding=True (dynamic thresholding) is not supported.")
   if sampler is None:
     sampler = _SCHEDULER_CLASSES.get(scheduler_config.get("_class_name", ""), "dpmpp_2m")
   fields = {f.name for f in dataclasses.fields(SamplerConfig)}
   kwargs = {k: v for k, v in scheduler_config.items() if k in fields and v is not None and k != "sampler"}
+  if "trained_betas" in kwargs:  # a JSON list; hashable as a tuple (SamplerConfig is a static jit argument)
+    kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
   if sampler.removesuffix("_karras") not in KARRAS_SAMPLERS:
     kwargs.pop("use_karras_sigmas", None)  # e.g. a DPM-Solver config reused for DDIM
   config = SamplerConfig(sampler=sampler, **{**kwargs, **overrides})
@@ -176,8 +183,9 @@ def config_from_training(diffusion_config: Mapping[str, Any], sampler: str = "dp
                          **overrides: Any) -> SamplerConfig:
   """A SamplerConfig for a model trained here, from its `config.diffusion` block.
 
-  Reads schedule, num_train_timesteps, beta_start, beta_end, prediction_type and zero_terminal_snr; a zero-SNR model
-  gets timestep_spacing="trailing" (Lin et al. 2023) unless `overrides` says otherwise.
+  Reads schedule, num_train_timesteps, beta_start, beta_end, prediction_type, zero_terminal_snr and snr_shift (a
+  shifted schedule becomes trained_betas, as the export writes it); a zero-SNR model gets timestep_spacing="trailing"
+  (Lin et al. 2023) unless `overrides` says otherwise.
   """
   d = diffusion_config
   fields = dict(sampler=sampler, beta_schedule=d["schedule"], num_train_timesteps=int(d["num_train_timesteps"]),
@@ -185,6 +193,10 @@ def config_from_training(diffusion_config: Mapping[str, Any], sampler: str = "dp
                 prediction_type=d["prediction_type"], rescale_betas_zero_snr=bool(d.get("zero_terminal_snr", False)))
   if fields["rescale_betas_zero_snr"]:
     fields.update(timestep_spacing="trailing", steps_offset=0)
+  snr_shift = float(d.get("snr_shift", 1.0))
+  if snr_shift != 1.0:
+    fields["trained_betas"] = tuple(float(b) for b in schedules.shifted_betas(
+        d["schedule"], int(d["num_train_timesteps"]), float(d["beta_start"]), float(d["beta_end"]), snr_shift))
   config = SamplerConfig(**{**fields, **overrides})
   check_config(config)
   return config
@@ -207,6 +219,11 @@ class _Plan:
 
 
 def _make_schedule(config: SamplerConfig) -> NoiseSchedule:
+  if config.trained_betas is not None:  # as diffusers: the table, then the zero-SNR rescaling if asked for
+    betas = np.asarray(config.trained_betas, dtype=np.float32)
+    if config.rescale_betas_zero_snr:
+      betas = schedules.rescale_zero_terminal_snr(betas)
+    return schedules.schedule_from_betas(betas)
   return schedules.make_schedule(config.beta_schedule, config.num_train_timesteps, beta_start=config.beta_start,
                                  beta_end=config.beta_end, rescale_zero_terminal_snr=config.rescale_betas_zero_snr)
 

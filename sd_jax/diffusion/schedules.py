@@ -108,6 +108,25 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 _rescale_zero_terminal_snr = rescale_zero_terminal_snr  # make_schedule's flag of the same name shadows it.
 
 
+def shift_snr(betas: np.ndarray, factor: float) -> np.ndarray:
+  """Betas whose SNR ᾱ_t / (1 - ᾱ_t) is `factor` times that of `betas` at every t (log-SNR shifted by log factor).
+
+  ᾱ'_t = factor·ᾱ_t / (1 + (factor - 1)·ᾱ_t), then β'_t = 1 - ᾱ'_t / ᾱ'_{t-1}, in float64 and stored as float32.
+  The resolution shift of "simple diffusion" (Hoogeboom et al. 2023) and SD3 (Esser et al. 2024), used here in the
+  other direction: factor > 1 means less noise at every t, for latents much smaller than the 64×64 a schedule
+  was tuned for. factor = 1 returns `betas` unchanged.
+  """
+  if not factor > 0:
+    raise ValueError(f"snr_shift must be > 0, got {factor}.")
+  betas = np.asarray(betas, dtype=np.float32)
+  if factor == 1:
+    return betas
+  alphas_cumprod = np.cumprod(1.0 - betas.astype(np.float64))
+  shifted = factor * alphas_cumprod / (1.0 + (factor - 1.0) * alphas_cumprod)
+  previous = np.concatenate([[1.0], shifted[:-1]])
+  return (1.0 - shifted / previous).astype(np.float32)
+
+
 def make_betas(kind: str,
                num_train_timesteps: int = 1000,
                beta_start: float = 0.0001,
@@ -122,6 +141,13 @@ def make_betas(kind: str,
   if kind in ("squaredcos_cap_v2", "cosine"):
     return betas_for_alpha_bar(num_train_timesteps)
   raise ValueError(f"Unknown noise schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}.")
+
+
+def shifted_betas(kind: str, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                  snr_shift: float = 1.0) -> np.ndarray:
+  """`make_betas` with `shift_snr` applied: the betas a diffusers scheduler gets as `trained_betas` (it applies
+  `rescale_betas_zero_snr` after them, as `make_schedule` does)."""
+  return shift_snr(make_betas(kind, num_train_timesteps, beta_start, beta_end), snr_shift)
 
 
 def schedule_from_betas(betas) -> NoiseSchedule:
@@ -144,7 +170,8 @@ def make_schedule(kind: str,
                   num_train_timesteps: int = 1000,
                   beta_start: float = 0.0001,
                   beta_end: float = 0.02,
-                  rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
+                  rescale_zero_terminal_snr: bool = False,
+                  snr_shift: float = 1.0) -> NoiseSchedule:
   """Makes the schedule diffusers' `DDPMScheduler(beta_schedule=kind, ...)` uses.
 
   Args:
@@ -155,8 +182,10 @@ def make_schedule(kind: str,
     beta_end: β_{T-1} of the linear schedules.
     rescale_zero_terminal_snr: rescale to ᾱ_{T-1} = 0 (Lin et al. 2023); pair it with v-prediction, since an
       epsilon model cannot recover x0 at zero SNR.
+    snr_shift: multiply the SNR at every t by this (`shift_snr`), before the zero-SNR rescaling. diffusers has no
+      such option: a shifted schedule is exported as its `trained_betas` (`shifted_betas`).
   """
-  betas = make_betas(kind, num_train_timesteps, beta_start, beta_end)
+  betas = shifted_betas(kind, num_train_timesteps, beta_start, beta_end, snr_shift)
   if rescale_zero_terminal_snr:
     betas = _rescale_zero_terminal_snr(betas)
   return schedule_from_betas(betas)

@@ -23,7 +23,8 @@ def make_schedule(diffusion_config) -> schedules.NoiseSchedule:
   return schedules.make_schedule(
       diffusion_config.schedule, num_train_timesteps=diffusion_config.num_train_timesteps,
       beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end,
-      rescale_zero_terminal_snr=diffusion_config.zero_terminal_snr)
+      rescale_zero_terminal_snr=diffusion_config.zero_terminal_snr,
+      snr_shift=float(diffusion_config.get("snr_shift", 1.0)))
 
 
 class Task:

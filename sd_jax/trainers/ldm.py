@@ -409,11 +409,16 @@ class Task:
   def scheduler_config(self) -> dict[str, Any]:
     """diffusers DDIMScheduler config describing the training schedule (and the grid sampler's settings)."""
     d, s = self.config.diffusion, self.config.sample
-    return {"_class_name": "DDIMScheduler", "num_train_timesteps": d.num_train_timesteps,
-            "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(d.schedule, d.schedule),
-            "beta_start": d.beta_start, "beta_end": d.beta_end, "prediction_type": d.prediction_type,
-            "rescale_betas_zero_snr": bool(d.zero_terminal_snr), "timestep_spacing": s.timestep_spacing,
-            "steps_offset": s.steps_offset, "set_alpha_to_one": bool(s.set_alpha_to_one), "clip_sample": False}
+    config = {"_class_name": "DDIMScheduler", "num_train_timesteps": d.num_train_timesteps,
+              "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(d.schedule, d.schedule),
+              "beta_start": d.beta_start, "beta_end": d.beta_end, "prediction_type": d.prediction_type,
+              "rescale_betas_zero_snr": bool(d.zero_terminal_snr), "timestep_spacing": s.timestep_spacing,
+              "steps_offset": s.steps_offset, "set_alpha_to_one": bool(s.set_alpha_to_one), "clip_sample": False}
+    snr_shift = float(d.get("snr_shift", 1.0))
+    if snr_shift != 1.0:  # diffusers has no SNR shift: the shifted table itself (rescaled after, as in training)
+      config["trained_betas"] = [float(b) for b in schedules.shifted_betas(
+          d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end, snr_shift)]
+    return config
 
   def export(self, host_state, ctx):
     """WORKDIR/export: the EMA U-Net (and tuned text tower), the VAE, text tower and tokenizer it was trained with,

@@ -26,6 +26,7 @@ from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_dis
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from sd_jax.diffusion import samplers  # noqa: E402
+from sd_jax.diffusion import schedules  # noqa: E402
 from sd_jax.diffusion.samplers import SamplerConfig  # noqa: E402
 
 T = 1000
@@ -53,7 +54,8 @@ def diffusers_scheduler(config: SamplerConfig):
   kwargs = dict(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
                 beta_start=config.beta_start, beta_end=config.beta_end, prediction_type=config.prediction_type,
                 timestep_spacing=config.timestep_spacing, steps_offset=config.steps_offset,
-                rescale_betas_zero_snr=config.rescale_betas_zero_snr)
+                rescale_betas_zero_snr=config.rescale_betas_zero_snr,
+                trained_betas=None if config.trained_betas is None else list(config.trained_betas))
   name = config.base_sampler
   if name in ("ddpm", "ddim"):
     kwargs.update(clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range)
@@ -186,6 +188,9 @@ LINEAR = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 V = dict(prediction_type="v_prediction")
 ZERO_SNR = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
                 steps_offset=0)
+# An SNR-shifted table (configs' diffusion.snr_shift), as the ldm export writes it.
+SHIFTED = dict(trained_betas=tuple(float(b) for b in schedules.shifted_betas("scaled_linear", 1000, 0.00085, 0.012,
+                                                                            snr_shift=16.0)))
 CFG = dict(guidance_scale=5.0)  # with the negative prompt's context
 CFG_RESCALE = dict(guidance_scale=7.5, guidance_rescale=0.7)
 
@@ -199,6 +204,7 @@ CASES = [
     ("ddim-leading-cfg-rescale", dict(sampler="ddim"), 15, CFG_RESCALE),
     ("ddim-trailing-v-eta-cosine", dict(sampler="ddim", eta=0.5, timestep_spacing="trailing", steps_offset=0, **V,
                                         **COSINE), 12, CFG),
+    ("ddim-shifted-zero-snr", dict(sampler="ddim", set_alpha_to_one=True, **SHIFTED, **ZERO_SNR), 25, CFG),
     ("ddim-linspace-eta1-alpha1", dict(sampler="ddim", eta=1.0, timestep_spacing="linspace", set_alpha_to_one=True),
      10, {}),
     ("dpmpp_2m-leading-cfg", dict(sampler="dpmpp_2m"), 20, CFG),
@@ -215,6 +221,7 @@ CASES = [
                                    steps_offset=0), 12, CFG),
     ("euler_karras-v-linear", dict(sampler="euler_karras", **V, **LINEAR), 10, {}),
     ("euler-zero-snr", dict(sampler="euler", **ZERO_SNR), 10, {}),
+    ("euler-shifted", dict(sampler="euler", **SHIFTED, **V), 10, CFG),
     ("euler_a-leading-cfg", dict(sampler="euler_a"), 12, CFG),
     ("euler_a-trailing-v", dict(sampler="euler_a", timestep_spacing="trailing", steps_offset=0, **V), 10,
      CFG_RESCALE),
@@ -433,6 +440,13 @@ def test_config_from_diffusers():
   assert (trained.sampler, trained.beta_schedule, trained.prediction_type, trained.rescale_betas_zero_snr,
           trained.timestep_spacing) == ("euler_a", "cosine", "v_prediction", True, "trailing")
   assert samplers.inference_timesteps(trained, 10)[0] == 999
+  # A custom β table (trained_betas; diffusers writes null when unset) is read as a tuple, hashable for jit.
+  shifted = samplers.config_from_diffusers({**sd15, "trained_betas": list(SHIFTED["trained_betas"])})
+  assert shifted.trained_betas == SHIFTED["trained_betas"]
+  assert shifted == samplers.config_from_training({**diffusion, "schedule": "scaled_linear", "beta_start": 0.00085,
+                                                   "beta_end": 0.012, "prediction_type": "epsilon",
+                                                   "zero_terminal_snr": False, "snr_shift": 16.0}, "dpmpp_2m")
+  hash(shifted)
 
 
 def test_bad_settings_fail_clearly():
@@ -449,6 +463,10 @@ def test_bad_settings_fail_clearly():
   with pytest.raises(ValueError, match="runs no step"):
     samplers.sample(jax_model, noise, config=SamplerConfig(sampler="euler"), num_steps=5, init_latents=noise,
                     strength=0.1)
+  with pytest.raises(ValueError, match="trained_betas has 3 values but num_train_timesteps=1000"):
+    samplers.config_from_diffusers({"trained_betas": [0.1, 0.2, 0.3]})
+  with pytest.raises(ValueError, match=r"every β must be in \(0, 1\)"):
+    samplers.inference_timesteps(SamplerConfig(num_train_timesteps=2, trained_betas=(0.5, 1.0)), 1)
   with pytest.raises(ValueError, match="timestep_spacing='middle'"):
     samplers.inference_timesteps(SamplerConfig(timestep_spacing="middle"), 5)
   with pytest.raises(ValueError, match="prediction_type='v_prediction'"):

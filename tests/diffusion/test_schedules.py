@@ -107,6 +107,35 @@ def test_zero_terminal_snr(kind, kwargs):
   np.testing.assert_array_equal(schedules.rescale_zero_terminal_snr(np.asarray(base.betas)), s.betas)
 
 
+@pytest.mark.parametrize("factor", [0.25, 4.0, 16.0])
+@pytest.mark.parametrize("kind,kwargs", [("scaled_linear", SD_BETAS), ("cosine", {})])
+def test_snr_shift(kind, kwargs, factor):
+  base = schedules.make_schedule(kind, **kwargs)
+  s = schedules.make_schedule(kind, snr_shift=factor, **kwargs)
+  snr = lambda a: np.asarray(a, np.float64) / (1 - np.asarray(a, np.float64))  # noqa: E731
+  # (where 1 - ᾱ' is resolved to better than 1e-3 in float32; the formula check below covers every t)
+  resolved = 1 - np.asarray(s.alphas_cumprod, np.float64) > 1e-3
+  assert resolved.mean() > 0.9
+  ratio = snr(s.alphas_cumprod) / snr(base.alphas_cumprod)
+  np.testing.assert_allclose(ratio[resolved], factor, rtol=2e-3)
+  # ᾱ'_t = f·ᾱ_t / (1 + (f - 1)·ᾱ_t) from the float64 textbook betas.
+  ab = np.cumprod(1 - _reference_betas(kind, **kwargs))
+  np.testing.assert_allclose(s.alphas_cumprod, factor * ab / (1 + (factor - 1) * ab), rtol=2e-5, atol=1e-7)
+  assert (np.asarray(s.alphas_cumprod) > np.asarray(base.alphas_cumprod)).all() == (factor > 1)
+  # Then the zero-SNR rescaling applies to the shifted betas.
+  both = schedules.make_schedule(kind, snr_shift=factor, rescale_zero_terminal_snr=True, **kwargs)
+  np.testing.assert_array_equal(both.betas, schedules.rescale_zero_terminal_snr(np.asarray(s.betas)))
+  np.testing.assert_array_equal(schedules.shifted_betas(kind, snr_shift=factor, **kwargs), s.betas)
+
+
+def test_snr_shift_of_one_is_the_identity_and_bad_factors_fail():
+  np.testing.assert_array_equal(schedules.make_schedule("scaled_linear", snr_shift=1.0, **SD_BETAS).betas,
+                                schedules.make_schedule("scaled_linear", **SD_BETAS).betas)
+  for bad in (0.0, -2.0, float("nan")):
+    with pytest.raises(ValueError, match="snr_shift must be > 0"):
+      schedules.make_schedule("linear", snr_shift=bad)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Conversions.
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from sd_jax import train
 from sd_jax.data import pipeline
 from sd_jax.data import precomputed
 from sd_jax.data import tokenizer as tokenizer_lib
+from sd_jax.diffusion import samplers
+from sd_jax.diffusion import schedules
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.trainers import ldm
@@ -208,14 +210,28 @@ def test_caption_dropout(trained):
   assert list(task.nets.empty_tokens[0, :3]) == [tok.bos_id, tok.eos_id, tok.pad_id]
 
 
-def test_text_tuning_with_v_prediction_min_snr_offset_noise_zero_terminal_snr(stages, trained):
+def test_text_tuning_with_v_prediction_min_snr_offset_noise_zero_terminal_snr_snr_shift(stages, trained):
   """The non-default paths in one compiled step: a tuned text tower and the v / min-SNR / offset / ZTSNR loss."""
+  from diffusers import DDIMScheduler
   config = _config(stages, **{"ldm.train_text_encoder": True, "diffusion.prediction_type": "v_prediction",
                               "diffusion.min_snr_gamma": 5.0, "diffusion.offset_noise": 0.1,
-                              "diffusion.zero_terminal_snr": True, "mesh.data": 1})
+                              "diffusion.zero_terminal_snr": True, "diffusion.snr_shift": 16.0, "mesh.data": 1})
   setup = train.setup(config, devices=jax.devices()[:1])
   task = setup.task
   assert float(task.schedule.alphas_cumprod[-1]) == 0.0
+  # The SNR shift is applied before the zero-SNR rescaling, and the export's scheduler config (trained_betas) gives
+  # diffusers, and sd_jax's own samplers, the schedule the model was trained on.
+  d = config.diffusion
+  table = (d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
+  want = schedules.make_schedule(*table, rescale_zero_terminal_snr=True, snr_shift=16)
+  np.testing.assert_array_equal(task.schedule.alphas_cumprod, want.alphas_cumprod)
+  plain = schedules.make_schedule(*table)
+  assert float(task.schedule.alphas_cumprod[500]) > float(plain.alphas_cumprod[500]) + 0.1
+  exported = json.loads(json.dumps(task.scheduler_config()))
+  scheduler = DDIMScheduler.from_config(exported)
+  np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), task.schedule.alphas_cumprod, rtol=1e-6, atol=1e-7)
+  for sampler_config in (samplers.config_from_diffusers(exported), samplers.config_from_training(config.diffusion)):
+    np.testing.assert_array_equal(samplers._make_schedule(sampler_config).alphas_cumprod, task.schedule.alphas_cumprod)
   assert "text_encoder" not in setup.frozen_shardings  # it moved into the trained params ...
   # ... starting from the pretrained weights (XLA drops the unused U-Net init), with logical axis names.
   initial = jax.jit(lambda rng: nn.meta.unbox(task.init_params(rng))["text_encoder"])(jax.random.PRNGKey(0))
