@@ -101,7 +101,9 @@ def get_config(arg=None):
       min_snr_gamma=5.0,
       offset_noise=0.0,         # per-channel offset added to the noise (0.1 is common)
       zero_terminal_snr=False,  # rescale to ᾱ_{T-1} = 0 (needs v_prediction; sample with timestep_spacing=trailing)
-      snr_shift=1.0,            # multiply the SNR at every t (applied before zero_terminal_snr); 1 = off
+      # Multiply the SNR at every t (before zero_terminal_snr); 1 = off. On the full shapes run both 0.5 and 16
+      # (with zero_terminal_snr) scored below 1 (RESULTS.md).
+      snr_shift=1.0,
   ))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(),               # sample-grid prompts; () = the first num_prompts captions of the held-out split
