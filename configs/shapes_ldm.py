@@ -126,8 +126,8 @@ def get_config(arg=None):
       shapes_eval_prompts=64,
   ))
 
-  if arg.demo or arg.runlocal:
-    # The settings the demo was measured with (RESULTS.md): a frozen text tower and epsilon-prediction.
+  if arg.runlocal:
+    # The settings the tiny tests were written for: a frozen text tower and epsilon-prediction.
     c.ldm.train_text_encoder = False
     c.diffusion.prediction_type = "epsilon"
   if arg.demo:

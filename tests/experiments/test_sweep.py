@@ -233,6 +233,7 @@ def test_committed_sweep_files_expand(tmp_path):
   assert runs[-1].settings == {"diffusion.prediction_type": "v_prediction", "diffusion.min_snr_gamma": 5.0,
                                "seed": 1}
   assert ldm.fixed["ldm.train_text_encoder"] is False  # the frozen tower its committed results were measured with
+  assert ldm.fixed["model.layers_per_block"] == 2  # and the U-Net depth
   guidance = ldm.evals[0]
   assert [g["guidance_scale"] for g in guidance.grid] == list(range(1, 10))
   assert guidance.select == sw.Best("eval_shapes_acc_test", "max")
