@@ -44,13 +44,13 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.trainer = "ldm"
   # Sized for the quality bar on a 2-core CPU (README: python -m sd_jax.stages --preset=full): 5,000 steps of 32
-  # (8×8×4 latents, 160k examples seen) with one resnet per U-Net level (layers_per_block below), about 19 GFLOP
-  # per step with precomputed latents. Measured end to end (RESULTS.md, session 7): held-out test accuracy 0.960 in
-  # 55.6 minutes for all three stages.
+  # (8×8×4 latents, 160k examples seen) with one resnet per U-Net level (layers_per_block below), 17.6 GFLOP
+  # per step with precomputed latents (XLA cost analysis, text tower included). Measured end to end (RESULTS.md,
+  # session 7): held-out test accuracy 0.960 in 55.6 minutes for all three stages.
   c.batch_size = 32
   c.total_steps = 5_000
   c.log_every_steps = 50
-  c.eval_every_steps = 2_500   # each evaluation samples 2 × shapes_eval_prompts images (about 40 s on 2 cores)
+  c.eval_every_steps = 2_500   # each evaluation samples 2 × shapes_eval_prompts images (about 33 s on 2 cores)
   c.sample_every_steps = 1_000
   c.save_every_steps = 500
   c.optim.lr = 1e-3
@@ -89,8 +89,8 @@ def get_config(arg=None):
       "tiny", block_out_channels=(64, 128, 128),
       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-      # One resnet (+ transformer) per level: 1.5× the steps per second of 2 on a 2-core CPU, and as good per step
-      # on the shapes run (held-out accuracy 0.50 against 0.48 at step 2,000; RESULTS.md, session 7).
+      # One resnet (+ transformer) per level: 1.5× the steps per second of 2 on a 2-core CPU, and about as good per step
+      # on the shapes run (in-training accuracy 0.50 against 0.48 at step 2,000; RESULTS.md, session 7).
       layers_per_block=1, attention_head_dim=4, norm_num_groups=32))
   _derive_from_frozen(c.model)
 
