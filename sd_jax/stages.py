@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
   # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*).
   overrides["ldm"].insert(0, f"--config.sample.shapes_evaluator={evaluator_dir}")
-  if args.preset == "full":  # the VAE posteriors and text contexts are encoded once, before the U-Net trains
+  if args.preset != "runlocal":  # the VAE posteriors and text contexts are encoded once, before the U-Net trains
     overrides["ldm"].insert(0, f"--config.ldm.precompute_dir={workdir / 'ldm_latents'}")
   for stage in STAGES:
     timing = run_stage(stage, args.preset, workdir, overrides[stage])

@@ -1,7 +1,8 @@
 """What every weight converter shares: reading/writing safetensors, layout changes, key diffs.
 
 Converters (unet.py, vae.py, clip.py, ...) map PyTorch names to sd_jax param paths. Param paths are '/'-joined
-Flax names (`down_blocks_0/resnets_0/conv1/kernel`); PyTorch names are '.'-joined (`down_blocks.0.resnets.0.conv1.weight`).
+Flax names (`down_blocks_0/resnets_0/conv1/kernel`); PyTorch names are '.'-joined
+(`down_blocks.0.resnets.0.conv1.weight`).
 
 Layouts: PyTorch conv weight [O, I, kh, kw] -> Flax kernel [kh, kw, I, O]; linear weight [out, in] -> kernel
 [in, out]; norm weight -> scale; embedding weight -> embedding.
