@@ -390,7 +390,8 @@ class Task:
     WORKDIR/samples/step_*.png and TensorBoard."""
     params = state.ema_params if state.ema_params is not None else state.params
     results = {}
-    if self.config.sample.get("shapes_evaluator") and self.config.dataset.name == "shapes":
+    s = self.config.sample
+    if s.get("shapes_evaluator") and s.get("shapes_eval_prompts", 0) > 0 and self.config.dataset.name == "shapes":
       results = self.shapes_accuracy(params, ctx.frozen, jax.random.PRNGKey(self.config.seed + 1), ctx.mesh)
     if not train_lib.due(step, self.config.sample_every_steps, step == self.config.total_steps):
       return results

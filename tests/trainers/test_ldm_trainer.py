@@ -8,6 +8,7 @@ tests share programs: two loop runs (1 and 8 devices), and unit tests that reuse
 import functools
 import json
 import shutil
+import types
 
 import flax.linen as nn
 import jax
@@ -380,6 +381,13 @@ def test_sample_pipeline_and_heldout_evaluation_of_the_export(stages, trained, r
   accuracy = with_evaluator.shapes_accuracy(trained["state"].ema_params, trained["frozen"], jax.random.PRNGKey(0))
   assert sorted(accuracy) == ["eval_shapes_acc_compositional", "eval_shapes_acc_test"]
   assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+  # The evaluation hook reports it at a step with no sample grid due, unless sample.shapes_eval_prompts = 0 (the demo).
+  state = types.SimpleNamespace(ema_params=trained["state"].ema_params, params=None)
+  ctx = types.SimpleNamespace(frozen=trained["frozen"], mesh=None)
+  assert sorted(with_evaluator.on_eval(1, state, ctx)) == sorted(accuracy)
+  without = ldm.Task(_config(stages, **{"sample.shapes_evaluator": str(tmp_path / "evaluator"),
+                                        "sample.shapes_eval_prompts": 0}))
+  assert without.on_eval(1, state, ctx) == {}
   grid = tmp_path / "grid.png"
   results = stages_lib.evaluate_model(reference / "export", config.dataset.to_dict(), evaluator, num_prompts=3,
                                   steps=2, guidance=2.0, seed=0, grid_prompts=2, grid_path=grid)
