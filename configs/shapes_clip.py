@@ -86,8 +86,9 @@ def get_config(arg=None):
 
   if arg.demo:
     # Under two minutes on a 2-core CPU: the full model, a sixth of the steps (colours and retrieval are learned,
-    # shape kinds only begin to be). The demo's U-Net reads the tower's per-token states, which tell the caption's
-    # words apart long before zero-shot accuracy on kinds is high: the demo's minutes go to the U-Net instead.
+    # shape kinds not yet: zero-shot kind accuracy is at chance). The demo's U-Net reads the text tower's
+    # second-to-last layer (configs/shapes_ldm.py: ldm.clip_skip=1), which still tells the kind words apart where
+    # the last layer no longer does (RESULTS.md, session 8): the demo's minutes go to the U-Net instead.
     c.total_steps = 400
     c.eval_every_steps = 200
     c.save_every_steps = 200
