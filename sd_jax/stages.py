@@ -24,7 +24,8 @@ is there, colour and kind. It writes
 
 The evaluator is trained first, once (about 2 minutes on 2 cores), and cached in --evaluator_dir (default: beside
 the shapes dataset, ~/.cache/sd_jax/shapes_evaluator, or $SD_JAX_DATA_DIR/../shapes_evaluator); the ldm stage also
-uses it to report the accuracy of its samples at every evaluation (eval_shapes_acc_test / _compositional).
+uses it to report the accuracy of its samples at every evaluation (eval_shapes_acc_test / _compositional), unless
+its config turns that off (sample.shapes_eval_prompts = 0, as the demo's does).
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluator_dir = args.evaluator_dir or default_evaluator_dir()
   evaluator, report = load_or_train_evaluator(evaluator_dir, steps=args.evaluator_steps)
   summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
-  # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*).
+  # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*), unless its config
+  # has sample.shapes_eval_prompts = 0 (the demo: the held-out evaluation below follows right after).
   overrides["ldm"].insert(0, f"--config.sample.shapes_evaluator={evaluator_dir}")
   if args.preset != "runlocal":  # the VAE posteriors and text contexts are encoded once, before the U-Net trains
     overrides["ldm"].insert(0, f"--config.ldm.precompute_dir={workdir / 'ldm_latents'}")
