@@ -173,7 +173,8 @@ def test_resume_with_a_different_model_names_the_keys(reference, tmp_path):
   shutil.copytree(reference, tmp_path / "w")
   wider = _config(**{"mesh.data": 1})
   wider.model.block_out_channels = tuple(2 * c for c in wider.model.block_out_channels)
-  with pytest.raises(ValueError, match=r"written by a run with a different model:(.|\n)*wrong shape(.|\n)*new --workdir"):
+  expected = r"written by a run with a different model:(.|\n)*wrong shape(.|\n)*new --workdir"
+  with pytest.raises(ValueError, match=expected):
     train.train_and_evaluate(wider, str(tmp_path / "w"), devices=jax.devices()[:1])
   assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 

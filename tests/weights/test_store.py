@@ -20,7 +20,8 @@ def test_component_round_trip_and_no_silent_overwrite(tmp_path):
   assert store.read_index(tmp_path)["components"] == {"unet": "UNet2DConditionModel"}
   with pytest.raises(FileExistsError, match="already holds weights"):
     store.save_component(tmp_path, "unet", fields, params)
-  with pytest.raises(FileNotFoundError, match="not an sd_jax model component.*holds: \\['sd_jax_model.json', 'unet'\\]"):
+  holds = "not an sd_jax model component.*holds: \\['sd_jax_model.json', 'unet'\\]"
+  with pytest.raises(FileNotFoundError, match=holds):
     store.load_component(tmp_path, "vae")
 
 
