@@ -100,19 +100,14 @@ def get_config(arg=None):
   if arg.runlocal:
     c.losses.l2_weight = 0.0
   if arg.demo:
-    # A few minutes on a 2-core CPU: a short run at a smaller batch, with half the CPU variant's channels. Each step
-    # then costs a third (150 against 490 ms at batch 16, `python -m sd_jax.bench`), and 1,000 steps of it
-    # reconstruct better than 400 of the wider one in two thirds of the time (RESULTS.md, session 10: 28.5 against
-    # 27.5 dB on `test`, shapes evaluator accuracy on the reconstructions 0.972 against 0.956; 181 against 276 s).
-    c.model.block_out_channels = (16, 32, 32)
-    c.model.norm_num_groups = 8
+    # A few minutes on a 2-core CPU: a short run at a smaller batch.
     c.batch_size = 16
-    c.total_steps = 1_000
-    c.log_every_steps = 100
-    c.eval_every_steps = 1_000
+    c.total_steps = 400
+    c.log_every_steps = 50
+    c.eval_every_steps = 400
     c.eval_batches = 16
-    c.sample_every_steps = 1_000
-    c.save_every_steps = 500
+    c.sample_every_steps = 400
+    c.save_every_steps = 200
     c.optim.warmup_steps = 50
     c.ema_decay = 0.99
     c.export.scale_batches = 8
