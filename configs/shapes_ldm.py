@@ -134,7 +134,7 @@ def get_config(arg=None):
   if arg.demo:
     # Minutes on a 2-core CPU: a two-level U-Net and a short run, trained on precomputed latents (sd_jax.stages sets
     # ldm.precompute_dir): 147 images/s at batch 32 against 101 at batch 16 encoding every batch (RESULTS.md,
-    # session 8). One evaluation (the loss), at the end. Cross-attention only in the 16x16 down block: the up path's
+    # session 8). One evaluation (the loss), at the end. Cross-attention only in the 8x8 down block: the up path's
     # 8x8 transformers took 31 % of a step, and without them a step is 1.45x cheaper, which buys the steps that
     # matter: held-out test accuracy rises sharply between 1,600 and 2,800 steps (RESULTS.md, session 9: 0.22 at
     # 1,600 steps with the old up path, 0.705 at 2,800 without it).
