@@ -176,6 +176,10 @@ def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
               f"{ev.get('compositional')}."]
   lines += ["", f"Sampling: DDIM {summary['sampling']['steps']} steps, guidance {summary['sampling']['guidance']}. "
             f"Total wall time {summary['total_wall_seconds']} s."]
+  if summary.get("machine"):
+    m = summary["machine"]
+    lines += ["", f"Machine: {m['cpu']}; JAX device {m['device']}; a fixed 3×3 convolution (python -m sd_jax.machine) "
+              f"runs at {m['reference_conv_gflops']} GFLOP/s."]
   (workdir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -207,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   num_prompts = args.num_prompts or {"demo": 100, "full": 500, "runlocal": 8}[args.preset]
 
   start = time.time()
-  summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}}
+  from sd_jax import machine
+  # The wall times below depend on the machine: say which, and how fast it is on a fixed convolution.
+  summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}, "machine": machine.describe()}
+  print("machine: " + "; ".join(f"{k} {v}" for k, v in summary["machine"].items()), flush=True)
   evaluator_dir = args.evaluator_dir or default_evaluator_dir()
   evaluator, report = load_or_train_evaluator(evaluator_dir, steps=args.evaluator_steps)
   summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}

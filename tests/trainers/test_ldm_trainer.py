@@ -397,10 +397,12 @@ def test_sample_pipeline_and_heldout_evaluation_of_the_export(stages, trained, r
     assert 0.0 <= r["shape_recall"] <= r["colour_recall"] <= 1.0
   assert np.asarray(Image.open(grid)).shape[-1] == 3
   summary = {"preset": "runlocal", "stages": {}, "heldout": results, "evaluator": {},
-             "sampling": {"steps": 2, "guidance": 2.0}, "total_wall_seconds": 1.0}
+             "sampling": {"steps": 2, "guidance": 2.0}, "total_wall_seconds": 1.0,
+             "machine": {"cpu": "AMD EPYC, 2 cores", "device": "cpu:cpu", "reference_conv_gflops": 61.5}}
   stages_lib.write_summary(tmp_path, summary)
   summary_md = (tmp_path / "summary.md").read_text()
   assert "| compositional |" in summary_md and "two-shape prompts" in summary_md
+  assert "Machine: AMD EPYC, 2 cores;" in summary_md and "61.5 GFLOP/s" in summary_md
   command = stages_lib.stage_command("ldm", "demo", tmp_path)
   assert command[1:3] == ["-m", "sd_jax.main"]
   assert command[3].endswith(f"shapes_ldm.py:demo,vae_from={tmp_path}/vae/export,text_from={tmp_path}/clip/export")

@@ -1,0 +1,50 @@
+"""sd_jax.machine: the CPU description and the reference convolution that sit beside every demo wall time."""
+
+import pytest
+
+from sd_jax import machine
+
+_CPUINFO = """processor	: 0
+vendor_id	: AuthenticAMD
+cpu family	: 25
+model		: 1
+model name	: AMD EPYC
+cpu MHz		: 2445.404
+flags		: fpu sse4_2 avx fma avx2 bmi2
+
+processor	: 1
+vendor_id	: AuthenticAMD
+cpu family	: 25
+model		: 17
+model name	: some other CPU
+"""
+
+
+def test_cpu_description_from_cpuinfo(tmp_path):
+  path = tmp_path / "cpuinfo"
+  path.write_text(_CPUINFO)
+  text = machine.cpu_description(str(path))
+  # The first processor's fields; avx and sse4_2 are implied by avx2 and not repeated.
+  assert text.startswith("AMD EPYC (family 25 model 1, Zen 3), avx2 fma, 2445 MHz, ")
+  assert text.endswith(" cores") and "other" not in text
+  path.write_text(_CPUINFO.replace("model\t\t: 1\n", "model\t\t: 17\n", 1).replace("avx2", "avx2 avx512f"))
+  assert machine.cpu_description(str(path)).startswith("AMD EPYC (family 25 model 17, Zen 4), avx512f avx2 fma")
+
+
+def test_cpu_description_without_cpuinfo(tmp_path):
+  text = machine.cpu_description(str(tmp_path / "missing"))
+  assert text and text.endswith(" cores")
+
+
+def test_reference_gflops_counts_the_convolutions(monkeypatch):
+  """The rate is the FLOPs of ten 3x3 convolutions over the median round time: with a clock that advances 1 s per
+  reading, each round lasts 1 s, so the rate is exactly the FLOPs of one round."""
+  ticks = iter(range(10_000))
+  monkeypatch.setattr(machine.time, "perf_counter", lambda: float(next(ticks)))
+  rate = machine.reference_gflops(seconds=0.0, batch=2, size=4, channels=8)
+  assert rate == pytest.approx(10 * 2 * 2 * 4 * 4 * 8 * 8 * 9 / 1e9)
+
+
+def test_describe_runs_on_this_machine():
+  described = machine.describe(seconds=0.05)
+  assert described["device"].startswith("cpu:") and described["reference_conv_gflops"] > 0
