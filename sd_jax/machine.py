@@ -6,12 +6,19 @@ Two 2-core CPUs can differ twice over in what they do per second (RESULTS.md: th
 convolution, the demo U-Net's most common op, timed for about a second) beside it, it can be compared.
 
   python -m sd_jax.machine      # prints both
+
+It also chooses how many JAX CPU devices a CPU run should have (`auto_cpu_devices`): XLA runs each CPU device's
+program on its own thread, and on 2 cores two data-parallel replicas of half the batch each keep both cores busier
+than one program does (RESULTS.md, session 12: the demo VAE's train step 694 → 348 ms, the demo U-Net's 280-350 →
+210-225 ms; 4 devices were no faster than 2).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -65,9 +72,39 @@ def cpu_description(path: str = "/proc/cpuinfo") -> str:
     parts.append(" ".join(widest))
   if info.get("cpu MHz"):
     parts.append(f"{float(info['cpu MHz']):.0f} MHz")
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  parts.append(f"{cores} cores")
+  parts.append(f"{usable_cores()} cores")
   return ", ".join(parts)
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+# The most CPU devices `auto_cpu_devices` picks: the count the tests run (8 fake devices); more is unmeasured.
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def requested_cpu_devices(environ=os.environ) -> int | None:
+  """The CPU device count the environment already asks JAX for: JAX_NUM_CPU_DEVICES (which wins) or XLA_FLAGS's
+  --xla_force_host_platform_device_count; None when neither is set."""
+  if environ.get("JAX_NUM_CPU_DEVICES", "").strip():
+    return int(environ["JAX_NUM_CPU_DEVICES"])
+  match = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+  return int(match.group(1)) if match else None
+
+
+def auto_cpu_devices(batch_sizes, cores: int | None = None) -> int:
+  """One CPU device per core, at most MAX_AUTO_CPU_DEVICES, and a count that divides every batch size (so that a
+  data-parallel mesh over all of them is valid): the largest such count, at least 1."""
+  cores = usable_cores() if cores is None else cores
+  common = 0
+  for size in batch_sizes:
+    common = math.gcd(common, int(size))
+  limit = max(1, min(cores, MAX_AUTO_CPU_DEVICES))
+  return max(n for n in range(1, limit + 1) if common % n == 0)
 
 
 def reference_gflops(seconds: float = 1.0, *, batch: int = 32, size: int = 8, channels: int = 64) -> float:
@@ -95,11 +132,11 @@ def reference_gflops(seconds: float = 1.0, *, batch: int = 32, size: int = 8, ch
 
 
 def describe(seconds: float = 1.0) -> dict[str, object]:
-  """cpu_description() and reference_gflops(), with the JAX device they ran on."""
+  """cpu_description() and reference_gflops() (on the first device), with the JAX device kind and count."""
   import jax
   device = jax.devices()[0]
   return {"cpu": cpu_description(), "device": f"{device.platform}:{device.device_kind}",
-          "reference_conv_gflops": round(reference_gflops(seconds), 1)}
+          "device_count": jax.device_count(), "reference_conv_gflops": round(reference_gflops(seconds), 1)}
 
 
 if __name__ == "__main__":

@@ -48,3 +48,27 @@ def test_reference_gflops_counts_the_convolutions(monkeypatch):
 def test_describe_runs_on_this_machine():
   described = machine.describe(seconds=0.05)
   assert described["device"].startswith("cpu:") and described["reference_conv_gflops"] > 0
+
+
+def test_requested_cpu_devices_reads_both_settings():
+  assert machine.requested_cpu_devices({}) is None
+  assert machine.requested_cpu_devices({"XLA_FLAGS": "--xla_backend_optimization_level=0"}) is None
+  flags = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"}
+  assert machine.requested_cpu_devices(flags) == 8
+  # JAX_NUM_CPU_DEVICES overrides the XLA flag in JAX, so it is the one reported.
+  assert machine.requested_cpu_devices({**flags, "JAX_NUM_CPU_DEVICES": "2"}) == 2
+
+
+@pytest.mark.parametrize("batch_sizes, cores, expected", [
+    ((16, 64, 32), 2, 2),     # the demo's stages on 2 cores
+    ((16, 64, 32), 1, 1),
+    ((16, 64, 32), 3, 2),     # 3 does not divide 16
+    ((16, 64, 32), 64, 8),    # at most MAX_AUTO_CPU_DEVICES
+    ((12, 18), 8, 6),
+    ((7,), 4, 1),
+    ((), 4, 4),
+])
+def test_auto_cpu_devices_divides_every_batch(batch_sizes, cores, expected):
+  n = machine.auto_cpu_devices(batch_sizes, cores=cores)
+  assert n == expected and all(b % n == 0 for b in batch_sizes)
+  assert machine.usable_cores() >= 1
