@@ -201,11 +201,9 @@ def load_base_config(config: str, arg: str = ""):
   path = config_path(config)
   if not path.is_file():
     raise SweepError(f"SWEEP.config={config!r}: no such file (paths are relative to {REPO}).")
-  spec = importlib.util.spec_from_file_location(f"sweep_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from sd_jax import config_lib
   try:
-    cfg = module.get_config(arg or None)
+    cfg = config_lib.load_config_file(path, arg)
   except ValueError as e:
     raise SweepError(f"SWEEP.arg={arg!r} for {config}: {e}") from None
   cfg.lock()

@@ -11,6 +11,8 @@ overrides a handful of them.
 from __future__ import annotations
 
 import ast
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -65,6 +67,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       result[key] = _convert(key, value.strip(), defaults[key])
   result.lock()
   return result
+
+
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`, as `--config=PATH:ARG` builds it (unlocked)."""
+  path = Path(path)
+  spec = importlib.util.spec_from_file_location(f"_sd_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -65,16 +65,13 @@ def stage_command(stage: str, preset: str, workdir: Path, overrides: Sequence[st
 
 def stage_batch_size(stage: str, preset: str, workdir: Path, overrides: Sequence[str] = ()) -> int:
   """The global batch size a stage's command trains with: its config's, or a --config.batch_size override's."""
-  import importlib.util
+  from sd_jax import config_lib
   for flag in reversed(list(overrides)):
     if flag.startswith("--config.batch_size="):
       return int(flag.partition("=")[2])
   spec = stage_command(stage, preset, workdir)[3].removeprefix("--config=")
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(f"_sd_jax_stage_config_{stage}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return int(module.get_config(arg or None).batch_size)
+  return int(config_lib.load_config_file(path, arg).batch_size)
 
 
 def choose_cpu_devices(requested: int | None, preset: str, workdir: Path,

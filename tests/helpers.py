@@ -12,11 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_config(name: str = "shapes_ddpm", arg: str = "runlocal", **overrides):
   """configs/<name>.py:get_config(arg) with dotted-key overrides ("optim.lr": 1e-3)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  from sd_jax import config_lib
+  config = config_lib.load_config_file(REPO / "configs" / f"{name}.py", arg)
   config.lock()  # as the command line does (config_flags lock_config=True)
   for key, value in overrides.items():
     node = config
