@@ -22,7 +22,7 @@ Args (after the colon): res (512 | 256: image size; latents are res/8), demo (th
 1,000 steps: a short fine-tune), runlocal (a test-sized U-Net with the same block layout, for CPU tests of the
 tooling), folder (the training images, default data/sd15), vae_from,
 text_from (sd_jax model directories for the ldm trainer). Any key can be overridden with --config.KEY=VALUE,
-e.g. --config.model.remat_policy=dots_saveable --config.model.attention=cudnn --config.mesh.fsdp=8.
+e.g. --config.model.remat_policy=dots_saveable --config.model.attention_impl=cudnn --config.mesh.fsdp=8.
 """
 
 import ml_collections
@@ -72,7 +72,7 @@ def get_config(arg=None):
 
   # The SD 1.5 U-Net; bf16 activations and matmuls, float32 params (and so float32 AdamW moments and EMA).
   c.model = ml_collections.ConfigDict(unet_lib.unet_config(
-      "sd15", sample_size=res // 8, attention="xla", remat_policy="none"))
+      "sd15", sample_size=res // 8, attention_impl="xla", remat_policy="none"))
   c.model.dtype = "bfloat16"    # ConfigDicts hold dtype names, not numpy dtypes
   c.model.param_dtype = "float32"
 

@@ -65,7 +65,7 @@ def get_config(arg=None):
       projection_dim=64,        # joint embedding width
       dtype="float32",          # compute dtype
       param_dtype="float32",
-      attention="xla",          # jax.nn.dot_product_attention implementation ("" = JAX chooses)
+      attention_impl="xla",     # jax.nn.dot_product_attention implementation ("" = JAX chooses)
       remat_policy="none",
   ))
 

@@ -5,7 +5,7 @@
   python -m sd_jax.main --config=configs/shapes_vae.py:demo --workdir=workdirs/vae_demo     # minutes on a CPU
 
 The run ends by writing WORKDIR/export/vae with the measured latent scaling factor; the latent-diffusion trainer
-loads it with `sd_jax.weights.pipeline.load_model(WORKDIR/export, components=("vae",))`.
+loads it with `sd_jax.weights.model_dir.load_model(WORKDIR/export, components=("vae",))`.
 
 Args (after the colon): runlocal, demo (size presets), model (a preset of sd_jax.models.vae.vae_config), cpu
 (default True: the preset's layout at half width with one resnet per level, 1.2 instead of 6.6 GFLOP per 32×32

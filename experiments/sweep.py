@@ -33,7 +33,6 @@ JSON object of metrics to `{out}`; `experiments.report` puts them in their own t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import importlib.util
@@ -540,87 +539,9 @@ def eval_jobs(sweep: Sweep, e: Eval, runs: Sequence[Run], python: str) -> list[E
   return jobs
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("sweep_file", help="experiments/X.py defining SWEEP")
-  p.add_argument("--out", required=True, help="root of the run workdirs (a local path or gs://...)")
-  p.add_argument("--launch", choices=("none", "local", "tpu", "slurm"), default="none",
-                 help="none: only write the run files; local: run here; tpu / slurm: write (and --execute) scripts")
-  p.add_argument("--dry_run", action="store_true", help="print the commands; write and run nothing")
-  p.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
-  p.add_argument("--python", default=None,
-                 help="interpreter in the commands (default: this one; tpu: python3; slurm: python)")
-  p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                 help="environment variable for the training processes (repeatable; tpu and slurm scripts)")
-  p.add_argument("--setup", default=None, help="shell commands run before training on each host / node")
-  local = p.add_argument_group("local")
-  local.add_argument("--parallel", type=int, default=1, help="runs at a time")
-  local.add_argument("--no_evals", action="store_true", help="train only; skip the sweep's evaluations")
-  cloud = p.add_argument_group("tpu and slurm")
-  cloud.add_argument("--execute", action="store_true", help="run the written gcloud / sbatch commands")
-  cloud.add_argument("--scripts_dir", default="",
-                     help="where launch scripts go (default: --out, or ./sweep_scripts/<sweep> for gs:// outputs)")
-  tpu = p.add_argument_group("tpu")
-  tpu.add_argument("--tpu", default="", help="TPU VM name")
-  tpu.add_argument("--zone", default="", help="its zone")
-  tpu.add_argument("--project", default="", help="GCP project (default: gcloud's)")
-  tpu.add_argument("--repo_dir", default="~/sd_jax", help="checkout on every TPU host")
-  tpu.add_argument("--repo_url", default="", help="git URL cloned into --repo_dir by the set-up step")
-  slurm = p.add_argument_group("slurm")
-  slurm.add_argument("--nodes", type=int, default=1)
-  slurm.add_argument("--gpus_per_node", type=int, default=8)
-  slurm.add_argument("--process_per", choices=("node", "gpu"), default="node",
-                     help="one process per node (sees all its GPUs) or per GPU")
-  slurm.add_argument("--partition", default="")
-  slurm.add_argument("--account", default="")
-  slurm.add_argument("--time", default="24:00:00")
-  slurm.add_argument("--cpus_per_task", type=int, default=0)
-  slurm.add_argument("--port", type=int, default=0, help="coordinator port (default: derived from the job id)")
-  slurm.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH line, e.g. --qos=high")
-  return p.parse_args(argv)
-
-
-def parse_env(items: Sequence[str]) -> dict[str, str]:
-  env = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-      raise SweepError(f"--env {item!r}: use KEY=VALUE.")
-    env[key] = value
-  return env
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from experiments import launchers
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    sweep = load_sweep_file(args.sweep_file)
-    # The interpreter in the commands: this one here; the hosts' own elsewhere (TPU VM images have python3).
-    python = args.python or {"tpu": "python3", "slurm": "python"}.get(args.launch, sys.executable)
-    extra = launchers.MAIN_FLAGS.get(args.launch, ())
-    runs = expand(sweep, args.out, python=python, extra_flags=extra, where=args.sweep_file)
-    if args.only:
-      keep = [n.strip() for n in args.only.split(",") if n.strip()]
-      unknown = sorted(set(keep) - {r.name for r in runs})
-      if unknown:
-        raise SweepError(f"--only names unknown runs {unknown}; runs are {[r.name for r in runs]}.")
-      selected = [r for r in runs if r.name in keep]
-    else:
-      selected = runs
-    env = parse_env(args.env)
-    return launchers.launch(args, sweep, runs, selected, env=env, python=python)
-  except SweepError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-
-
 if __name__ == "__main__":
-  # Run main() of the importable module, so that sweep files (which import experiments.sweep) build the same
-  # Sweep class that it checks for.
-  from experiments import sweep as _sweep
-  sys.exit(_sweep.main())
+  # `python -m experiments.sweep` runs this file as __main__, a module of its own: the command line lives in
+  # experiments/launchers.py (which uses this module's library, as the sweep files do), so nothing here imports
+  # the launchers and the two modules do not import each other.
+  from experiments import launchers
+  sys.exit(launchers.main())

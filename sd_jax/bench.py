@@ -206,7 +206,7 @@ jit_train_step = train_lib.jit_train_step  # the loop's own jitted step (shardin
 
 
 def batch_spec(exp: train_lib.Setup) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one global batch: the task's own `batch_spec`, else what sd_jax/data/pipeline.py yields."""
+  """Shapes of one global batch: the task's own `batch_spec`, else what sd_jax/data/input_pipeline.py yields."""
   config, task, b = exp.config, exp.task, exp.config.batch_size
   if hasattr(task, "batch_spec"):
     return task.batch_spec(b)

@@ -7,7 +7,7 @@
   python -m sd_jax.convert --to_diffusers OUT --out DIFFUSERS_DIR
 
 OUT is an sd_jax model directory (see sd_jax/weights/store.py): load it in Python with
-`sd_jax.weights.pipeline.load_model(OUT)`, or fine-tune its U-Net with `--config.init_from=OUT/unet`.
+`sd_jax.weights.model_dir.load_model(OUT)`, or fine-tune its U-Net with `--config.init_from=OUT/unet`.
 Only safetensors are read unless --allow_pickle is given (pickle files can run code when loaded).
 """
 
@@ -35,16 +35,16 @@ def main(argv):
   sources = [f for f in ("from_diffusers", "from_single_file", "to_diffusers") if FLAGS[f].value]
   if len(sources) != 1:
     raise app.UsageError("Give exactly one of --from_diffusers, --from_single_file, --to_diffusers.")
-  from sd_jax.weights import pipeline
+  from sd_jax.weights import model_dir as model_dir_lib
   try:
     if FLAGS.from_diffusers:
-      done = pipeline.import_diffusers(FLAGS.from_diffusers, FLAGS.out, variant=FLAGS.variant,
+      done = model_dir_lib.import_diffusers(FLAGS.from_diffusers, FLAGS.out, variant=FLAGS.variant,
                                        allow_pickle=FLAGS.allow_pickle)
     elif FLAGS.from_single_file:
-      done = pipeline.import_single_file(FLAGS.from_single_file, FLAGS.out, image_size=FLAGS.image_size,
+      done = model_dir_lib.import_single_file(FLAGS.from_single_file, FLAGS.out, image_size=FLAGS.image_size,
                                          prediction_type=FLAGS.prediction_type, allow_pickle=FLAGS.allow_pickle)
     else:
-      done = pipeline.export_diffusers(FLAGS.to_diffusers, FLAGS.out)
+      done = model_dir_lib.export_diffusers(FLAGS.to_diffusers, FLAGS.out)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

@@ -62,7 +62,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from sd_jax.data import pipeline as data_pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.diffusion import samplers
 
 FD_METRICS = {"fid": "inception", "fd_clip": "clip"}  # Fréchet distances: metric -> feature space
@@ -135,7 +135,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
 def dataset_config(base: Mapping[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
   """`base` (a run's config.dataset, else the input pipeline's defaults) with KEY=VALUE overrides, set up for
   reading real images and captions in order: no tokens, no precomputed latents."""
-  defaults = data_pipeline.default_config().to_dict()
+  defaults = input_pipeline.default_config().to_dict()
   dataset = {**defaults, **dict(base or {})}
   for item in overrides:
     key, sep, value = item.partition("=")
@@ -146,7 +146,7 @@ def dataset_config(base: Mapping[str, Any] | None, overrides: Sequence[str]) -> 
   dataset["tokenizer"] = ""  # captions are read as text; images are all the metrics need
   dataset["precomputed_dir"] = ""
   try:
-    data_pipeline.validate_config(dataset)
+    input_pipeline.validate_config(dataset)
   except ValueError as e:
     raise CommandError(f"--dataset: {e}") from e
   return dataset
@@ -160,7 +160,7 @@ def dataset_cache_key(dataset: Mapping[str, Any]) -> str:
   picked = {k: dataset.get(k) for k in ("name", "shapes_config", "tfds_name", "folder", "image_key", "crop",
                                          "skip_corrupt")}
   picked["data_dir"] = os.path.abspath(os.path.expanduser(dataset.get("data_dir") or
-                                                          data_pipeline.default_data_dir()))
+                                                          input_pipeline.default_data_dir()))
   digest = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:10]
   return f"{dataset['name']}_{which}_{digest}" if which else f"{dataset['name']}_{digest}"
 
@@ -174,9 +174,9 @@ def split_prompts(dataset: Mapping[str, Any], split: str, count: int) -> list[st
   return [info.captions(i) for i in range(count)]
 
 
-def _split_info(dataset: Mapping[str, Any], split: str) -> data_pipeline.DatasetInfo:
+def _split_info(dataset: Mapping[str, Any], split: str) -> input_pipeline.DatasetInfo:
   try:
-    return data_pipeline.dataset_info(dataset, split)
+    return input_pipeline.dataset_info(dataset, split)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise CommandError(f"--split {split}: cannot read it from dataset {dataset['name']!r}: {e}") from e
 
@@ -197,7 +197,7 @@ def real_image_batches(dataset: Mapping[str, Any], split: str, batch_size: int, 
                        label: str = "real images") -> Iterator[np.ndarray]:
   """float32 [B, H, W, 3] in [-1, 1] batches of `split`, in order, at dataset["resolution"], with a progress line
   per batch. Opens the data only when iterated."""
-  it = data_pipeline.create_iterator(dataset, split=split, global_batch_size=batch_size, seed=0, train=False,
+  it = input_pipeline.create_iterator(dataset, split=split, global_batch_size=batch_size, seed=0, train=False,
                                      process_index=0, process_count=1)
   seen, start = 0, time.time()
   try:
@@ -492,7 +492,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="Dataset split of the prompts and reference images (default: the dataset's eval_split, test); "
                  "e.g. compositional (shapes pairs never seen in training).")
   p.add_argument("--dataset", action="append", default=[], metavar="KEY=VALUE",
-                 help="A config.dataset key (sd_jax/data/pipeline.py), on top of the run's dataset; with --pretrained "
+                 help="A config.dataset key (sd_jax/data/input_pipeline.py), on top of the run's dataset; with --pretrained "
                  "the dataset itself, e.g. --dataset name=shapes --dataset shapes_config=r32. Repeatable.")
   p.add_argument("--prompts_file", metavar="FILE", help="Prompts, one per line, instead of the split's captions.")
   p.add_argument("--num_reference", type=int, default=None,
@@ -676,7 +676,7 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
 
 def default_stats_cache() -> str:
   """~/.cache/sd_jax/fid_stats (beside the datasets: $SD_JAX_DATA_DIR/../fid_stats when that is set)."""
-  return os.path.join(os.path.dirname(os.path.normpath(data_pipeline.default_data_dir())), "fid_stats")
+  return os.path.join(os.path.dirname(os.path.normpath(input_pipeline.default_data_dir())), "fid_stats")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,7 +64,7 @@ from etils import epath
 from sd_jax import images as images_lib
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.diffusion import samplers
-from sd_jax.weights import pipeline as weights_pipeline
+from sd_jax.weights import model_dir as model_dir_lib
 from sd_jax.weights import store
 
 SAMPLER_NAMES = samplers.SAMPLER_NAMES
@@ -129,7 +129,7 @@ class Pipeline:
     if not (model_dir / "tokenizer" / "vocab.json").exists():
       raise FileNotFoundError(f"{model_dir}/tokenizer/vocab.json is missing: the text tower's tokenizer must be "
                               "stored with the model.")
-    components = weights_pipeline.load_model(model_dir, ("unet", "vae", "text_encoder"), dtype=dtype)
+    components = model_dir_lib.load_model(model_dir, ("unet", "vae", "text_encoder"), dtype=dtype)
     text = components["text_encoder"][0]
     tokenizer = tokenizer_lib.load_clip_tokenizer(str(model_dir / "tokenizer"),
                                                   max_length=text.config.max_position_embeddings)

@@ -113,8 +113,8 @@ def run_stage(stage: str, preset: str, workdir: Path, overrides: Sequence[str] =
 
 
 def default_evaluator_dir() -> str:
-  from sd_jax.data import pipeline
-  return os.path.join(os.path.dirname(pipeline.default_data_dir()), "shapes_evaluator")
+  from sd_jax.data import input_pipeline
+  return os.path.join(os.path.dirname(input_pipeline.default_data_dir()), "shapes_evaluator")
 
 
 def load_or_train_evaluator(directory: str, *, steps: int | None = None):
@@ -130,8 +130,8 @@ def load_or_train_evaluator(directory: str, *, steps: int | None = None):
 
 
 def heldout_prompts(dataset: dict[str, Any], split: str, count: int) -> list[str]:
-  from sd_jax.data import pipeline
-  info = pipeline.dataset_info(dataset, split)
+  from sd_jax.data import input_pipeline
+  info = input_pipeline.dataset_info(dataset, split)
   return [info.captions(i) for i in range(min(count, info.num_examples))]
 
 

@@ -30,7 +30,7 @@ from sd_jax import config_lib
 from sd_jax import metrics as metrics_lib
 from sd_jax import parallel
 from sd_jax import trainers
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 
 EXPORT_DIR = "export"  # WORKDIR/export: the finished model (sd_jax/weights/store.py), written by `task.export`
 
@@ -229,7 +229,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
   on precomputed latents)."""
   config_lib.validate(config)
   trainer_module = trainers.get(config.trainer) if task is None else None
-  pipeline.validate_config(config.dataset)
+  input_pipeline.validate_config(config.dataset)
   devices = list(jax.devices() if devices is None else devices)
   mesh = parallel.create_mesh(config.mesh, devices)
   check_config_against_devices(config, mesh, jax.process_count())
@@ -291,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   # --- Data (a task may first write derived data, e.g. the ldm trainer's precomputed latents).
   if hasattr(task, "prepare_data"):
     task.prepare_data()
-  data_iter = pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
+  data_iter = input_pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
                                        global_batch_size=global_batch, seed=config.seed, train=True)
 
   # --- Resume order: own checkpoint, else init_from, else fresh init.
@@ -314,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   frozen = exp.load_frozen()
   eval_fn = (jax.jit(functools.partial(eval_step, task=task, global_batch=global_batch, seed=config.seed))
              if hasattr(task, "eval_metrics") else None)
-  ctx = Context(config, workdir, mesh, writer, lambda: pipeline.create_iterator(
+  ctx = Context(config, workdir, mesh, writer, lambda: input_pipeline.create_iterator(
       config.dataset, split=config.dataset.eval_split, global_batch_size=global_batch, seed=config.seed,
       train=False), eval_fn=eval_fn, frozen=frozen)
 

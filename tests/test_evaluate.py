@@ -20,7 +20,7 @@ import pytest
 from sd_jax import evaluate
 from sd_jax import metrics as metrics_lib
 from sd_jax import sample as sample_lib
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.eval import clip_score as clip_score_lib
 from sd_jax.eval import fid as fid_lib
@@ -30,8 +30,6 @@ from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.trainers import clip as clip_trainer
 from sd_jax.weights import store
-from sd_jax.weights import unet as unet_weights
-from sd_jax.weights import vae as vae_weights
 from tests import helpers
 
 FINAL_STEP = 6
@@ -49,7 +47,7 @@ def env(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("evaluate")
   config = _ldm_config(root / "vae", root / "clip_export")
   dataset = config.dataset.to_dict()
-  info = pipeline.dataset_info(dataset, "train")
+  info = input_pipeline.dataset_info(dataset, "train")
 
   # A CLIP run's export: the two-tower CLIP, its text tower as text_encoder/, and its tokenizer.
   clip_dir = root / "clip_export"
@@ -75,7 +73,7 @@ def env(tmp_path_factory, data_dir):
   # A VAE run's export.
   vae = vae_lib.create_vae("tiny")
   vae_params = nn.meta.unbox(vae.init(jax.random.PRNGKey(1), **vae.example_inputs())["params"])
-  store.save_component(root / "vae", "vae", vae_weights.vae_config_to_diffusers(vae), vae_params)
+  store.save_component(root / "vae", "vae", vae_lib.vae_config_to_diffusers(vae), vae_params)
   store.write_index(root / "vae", {"vae": "AutoencoderKL"}, source="test")
 
   # A finished ldm run: config.json, training metrics, export/ with a random U-Net (fields as the trainer derives).
@@ -88,7 +86,7 @@ def env(tmp_path_factory, data_dir):
   unet = unet_lib.create_unet(unet_fields)
   unet_params = nn.meta.unbox(unet.init(jax.random.PRNGKey(4), **unet.example_inputs(
       context_length=text_config.max_position_embeddings))["params"])
-  store.save_component(export, "unet", unet_weights.unet_config_to_diffusers(unet_fields), unet_params)
+  store.save_component(export, "unet", unet_lib.unet_config_to_diffusers(unet_fields), unet_params)
   shutil.copytree(root / "vae" / "vae", export / "vae")
   shutil.copytree(clip_dir / "text_encoder", export / "text_encoder")
   shutil.copytree(clip_dir / "tokenizer", export / "tokenizer")
@@ -139,7 +137,7 @@ def test_workdir_evaluation_matches_the_library(env, first):
 
   # The same images, prompts and references through the library.
   dataset = {**env["dataset"], "tokenizer": "", "precomputed_dir": ""}
-  prompts = [pipeline.dataset_info(dataset, "test").captions(i) for i in range(N)]
+  prompts = [input_pipeline.dataset_info(dataset, "test").captions(i) for i in range(N)]
   pipe = sample_lib.Pipeline.from_workdir(env["workdir"])
   images = pipe.generate(prompts, steps=STEPS, guidance=env["config"].sample.guidance_scale, seed=0, batch_size=N,
                          sampler="ddim")
@@ -176,7 +174,7 @@ def test_reference_statistics_are_read_from_the_cache(env, first, monkeypatch, t
   def no_data(*args, **kwargs):
     raise AssertionError("the reference statistics should come from the cache")
 
-  monkeypatch.setattr(pipeline, "create_iterator", no_data)
+  monkeypatch.setattr(input_pipeline, "create_iterator", no_data)
   out = tmp_path / "again.json"
   _run(["--workdir", env["workdir"], "--metrics", "fd_clip,kd_clip", "--num_samples", N, "--steps", STEPS,
         "--batch_size", N, "--stats_cache", env["stats"], "--kid_subset_size", 4, "--kid_subsets", 5, "--out", out])

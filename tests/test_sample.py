@@ -2,7 +2,7 @@
 
 A tiny random-weight Stable Diffusion (diffusers UNet2DConditionModel + AutoencoderKL, transformers CLIPTextModel, a
 trained CLIP tokenizer, an SD-style DDIM scheduler config) is saved as a diffusers directory and imported with
-sd_jax.weights.pipeline.import_diffusers. diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline run on
+sd_jax.weights.model_dir.import_diffusers. diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline run on
 the same networks with the same initial noise: the decoded images agree within 1e-3, which checks the whole chain
 (tokenizer, text tower, classifier-free guidance with negative prompts, the sampler, the latent scaling factor and
 the VAE). The tests share one compiled sampling function per setting (a module-scoped pipeline), which keeps them
@@ -24,9 +24,7 @@ from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_models
 from sd_jax.models import unet as unet_models
 from sd_jax.models import vae as vae_models
-from sd_jax.weights import pipeline as weights_pipeline
-from sd_jax.weights import unet as unet_weights
-from sd_jax.weights import vae as vae_weights
+from sd_jax.weights import model_dir as model_dir_lib
 
 TOL = 1e-3  # decoded images in [0, 1], float32 JAX vs float32 PyTorch
 PROMPTS = ["a small red circle", "a large green star above a blue square"]
@@ -56,10 +54,10 @@ def model(tmp_path_factory):
   tok = tokenizer_lib.train_tokenizer(["a small red circle above a blue square", "a large green star"] * 8,
                                       str(root / "tokenizer"), vocab_size=600, max_length=16)
   unet = _randomize(diffusers.UNet2DConditionModel(
-      **_public(unet_weights.unet_config_to_diffusers(unet_models.unet_config("tiny")))), 0)
+      **_public(unet_models.unet_config_to_diffusers(unet_models.unet_config("tiny")))), 0)
   # scaling_factor != 1 so that a missing or doubled latent scaling shows.
   vae = _randomize(diffusers.AutoencoderKL(
-      **_public(vae_weights.vae_config_to_diffusers(vae_models.create_vae("tiny", scaling_factor=0.5)))), 1)
+      **_public(vae_models.vae_config_to_diffusers(vae_models.create_vae("tiny", scaling_factor=0.5)))), 1)
   text_config = clip_models.clip_config_to_transformers(clip_models.clip_config("tiny").text)
   text_config.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                      pad_token_id=tok.pad_id)
@@ -72,7 +70,7 @@ def model(tmp_path_factory):
                           set_alpha_to_one=False, steps_offset=1).save_pretrained(root / "scheduler")
   (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
   model_dir = tmp_path_factory.mktemp("sd_jax") / "model"
-  weights_pipeline.import_diffusers(root, model_dir)
+  model_dir_lib.import_diffusers(root, model_dir)
   return root, model_dir, {"unet": unet, "vae": vae, "text_encoder": text}
 
 

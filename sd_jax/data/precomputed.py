@@ -17,7 +17,7 @@ posterior, not one sample of it, so training still draws z ~ q(z | image) with f
 
 Example i of a split is example i of the source split read in evaluation order (no augmentation), so a training
 run that reads it with the same seed visits the examples in the same order as one that reads the images
-(`create_dataset` shuffles exactly as sd_jax/data/pipeline.py does).
+(`create_dataset` shuffles exactly as sd_jax/data/input_pipeline.py does).
 
 Plain .npy files are memory-mapped: random access for grain, no per-record (de)serialisation, and readable with
 NumPy alone. (array_record would be the choice for object stores, where memory maps do not work.)
@@ -34,11 +34,10 @@ import shutil
 from typing import Any, Callable, Iterable
 
 import grain
-import jax
 import numpy as np
 from etils import epath
 
-from sd_jax.data import pipeline
+from sd_jax.data import batching
 
 ARRAYS = ("latent_mean", "latent_logvar", "context")
 TOKENS = "tokens"  # int32, copied from the input batches (absent from splits written before it was stored)
@@ -171,31 +170,30 @@ class PrecomputedSource:
 def create_dataset(directory, *, split: str, global_batch_size: int, seed: int, train: bool = True,
                    process_index: int | None = None, process_count: int | None = None,
                    drop_remainder: bool | None = None) -> grain.MapDataset:
-  """This host's batches of a precomputed split, ordered exactly as `pipeline.create_dataset` orders examples.
+  """This host's batches of a precomputed split, ordered exactly as `input_pipeline.create_dataset` orders examples.
 
   Training: the same seeded shuffle, repeated forever; host p takes the p-th block of every global batch.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+  process_index, process_count = batching.process_index_count(process_index, process_count)
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count {process_count}")
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(PrecomputedSource(directory, split))
   if train:
     # The image pipeline's shuffle seed (its first derived seed), so both orders agree.
-    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(2)[0])
+    shuffle_seed, _ = batching.shuffle_and_augment_seeds(seed)
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   # The pipeline's host layout (global batch s = stream positions [s*G, (s+1)*G), host p its p-th block).
-  ds = pipeline.HostBlocks(ds, process_index=process_index, process_count=process_count, local_batch=local_batch,
+  ds = batching.HostBlocks(ds, process_index=process_index, process_count=process_count, local_batch=local_batch,
                            pad=False)
   return ds.batch(local_batch, drop_remainder=train if drop_remainder is None else drop_remainder)
 
 
 def create_iterator(directory, *, split: str, global_batch_size: int, seed: int, train: bool = True,
                     process_index: int | None = None, process_count: int | None = None,
-                    drop_remainder: bool | None = None, prefetch: int = 2) -> pipeline.BatchIterator:
-  """`create_dataset` as the pipeline's checkpointable `BatchIterator` (same state format, so resume works).
-  `pipeline.create_iterator` returns this when `dataset.precomputed_dir` is set."""
+                    drop_remainder: bool | None = None, prefetch: int = 2) -> batching.BatchIterator:
+  """`create_dataset` as the checkpointable `batching.BatchIterator` (same state format, so resume works).
+  `input_pipeline.create_iterator` returns this when `dataset.precomputed_dir` is set."""
   ds = create_dataset(directory, split=split, global_batch_size=global_batch_size, seed=seed, train=train,
                       process_index=process_index, process_count=process_count, drop_remainder=drop_remainder)
-  return pipeline.BatchIterator(ds, global_batch_size=global_batch_size, prefetch=prefetch)
+  return batching.BatchIterator(ds, global_batch_size=global_batch_size, prefetch=prefetch)

@@ -318,7 +318,7 @@ class CLIPAttention(nn.Module):
   config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention: str | None = "xla"  # jax.nn.dot_product_attention implementation
+  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention implementation
 
   def setup(self):
     cfg = self.config
@@ -341,7 +341,7 @@ class CLIPAttention(nn.Module):
     batch, length, width = x.shape
     heads = self.config.num_attention_heads
     q, k, v = (p(x).reshape(batch, length, heads, width // heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-    out = layers.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
+    out = layers.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     return self.out_proj(out.reshape(batch, length, width))
 
 
@@ -371,14 +371,14 @@ class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention: str | None = "xla"
+  attention_impl: str | None = "xla"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.config.layer_norm_eps
     h = layers.layer_norm(name="layer_norm1", epsilon=eps, **kw)(x)
-    x = x + CLIPAttention(self.config, attention=self.attention, name="self_attn", **kw)(h, mask)
+    x = x + CLIPAttention(self.config, attention_impl=self.attention_impl, name="self_attn", **kw)(h, mask)
     h = layers.layer_norm(name="layer_norm2", epsilon=eps, **kw)(x)
     x = x + CLIPMLP(self.config, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, TOKEN_AXES)
@@ -390,12 +390,12 @@ class CLIPEncoder(nn.Module):
   config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention: str | None = "xla"
+  attention_impl: str | None = "xla"
   remat_policy: str = "none"  # layers.REMAT_POLICIES key, applied per layer
 
   def setup(self):
     layer_cls = layers.remat(CLIPEncoderLayer, self.remat_policy)
-    self.layers = [layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
+    self.layers = [layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
                    for _ in range(self.config.num_hidden_layers)]
 
   def __call__(self, x: Array, mask: Array | None = None,
@@ -416,14 +416,14 @@ class _ComputeFields(nn.Module):
 
   dtype: Dtype = jnp.float32  # activations / matmul dtype
   param_dtype: Dtype = jnp.float32
-  attention: str | None = "xla"  # "xla" | "cudnn" | None (JAX chooses): jax.nn.dot_product_attention
+  attention_impl: str | None = "xla"  # "xla" | "cudnn" | None (JAX chooses): jax.nn.dot_product_attention
   remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | ... (layers.REMAT_POLICIES)
 
   def _kw(self) -> dict[str, Any]:
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _encoder(self, cfg) -> CLIPEncoder:
-    return CLIPEncoder(cfg, attention=self.attention, remat_policy=self.remat_policy, name="encoder", **self._kw())
+    return CLIPEncoder(cfg, attention_impl=self.attention_impl, remat_policy=self.remat_policy, name="encoder", **self._kw())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ class CLIPTextModelWithProjection(_ComputeFields):
   config: CLIPTextConfig = CLIPTextConfig()
 
   def setup(self):
-    self.text_model = CLIPTextTransformer(config=self.config, attention=self.attention, remat_policy=self.remat_policy,
+    self.text_model = CLIPTextTransformer(config=self.config, attention_impl=self.attention_impl, remat_policy=self.remat_policy,
                                           **self._kw())
     std = self.config.hidden_size**-0.5 * self.config.initializer_factor
     self.text_projection = layers.dense(self.config.projection_dim, ("embed", "mlp"), name="text_projection",
@@ -609,7 +609,7 @@ class CLIPVisionModelWithProjection(_ComputeFields):
   config: CLIPVisionConfig = CLIPVisionConfig()
 
   def setup(self):
-    self.vision_model = CLIPVisionTransformer(config=self.config, attention=self.attention,
+    self.vision_model = CLIPVisionTransformer(config=self.config, attention_impl=self.attention_impl,
                                               remat_policy=self.remat_policy, **self._kw())
     std = self.config.hidden_size**-0.5 * self.config.initializer_factor
     self.visual_projection = layers.dense(self.config.projection_dim, ("embed", "mlp"), name="visual_projection",
@@ -647,7 +647,7 @@ class CLIPModel(_ComputeFields):
     cfg = self.config
     if cfg.text is None or cfg.vision is None:
       raise ValueError("CLIPModel needs both a text and a vision config")
-    towers = dict(attention=self.attention, remat_policy=self.remat_policy, **self._kw())
+    towers = dict(attention_impl=self.attention_impl, remat_policy=self.remat_policy, **self._kw())
     self.text_model = CLIPTextTransformer(config=cfg.text, **towers)
     self.vision_model = CLIPVisionTransformer(config=cfg.vision, **towers)
     self.text_projection = layers.dense(
@@ -701,20 +701,20 @@ class CLIPModel(_ComputeFields):
 # Construction
 
 
-_COMPUTE_KEYS = ("dtype", "param_dtype", "attention", "remat_policy")
+_COMPUTE_KEYS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 
 
-def _compute_kwargs(dtype, param_dtype, attention, remat_policy) -> dict[str, Any]:
+def _compute_kwargs(dtype, param_dtype, attention_impl, remat_policy) -> dict[str, Any]:
   if remat_policy != "none" and remat_policy not in layers.REMAT_POLICIES:
     raise ValueError(f"remat_policy must be 'none' or one of {sorted(layers.REMAT_POLICIES)}, got {remat_policy!r}")
-  if attention not in layers.ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention must be one of {layers.ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
-  return dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), attention=attention,
+  if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLEMENTATIONS}, got {attention_impl!r}")
+  return dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), attention_impl=attention_impl,
               remat_policy=remat_policy)
 
 
 def create_clip_text_model(config: Any = "openai_vit_l14_text", *, with_projection: bool = False,
-                           dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, attention: str | None = "xla",
+                           dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, attention_impl: str | None = "xla",
                            remat_policy: str = "none", **overrides: Any
                            ) -> CLIPTextTransformer | CLIPTextModelWithProjection:
   """The text tower (transformers CLIPTextModel, or CLIPTextModelWithProjection with `with_projection`).
@@ -726,23 +726,23 @@ def create_clip_text_model(config: Any = "openai_vit_l14_text", *, with_projecti
   cfg = _replace(_tower_config(config, "text"), overrides, "CLIP text")
   _check_tower(cfg)
   cls = CLIPTextModelWithProjection if with_projection else CLIPTextTransformer
-  return cls(config=cfg, **_compute_kwargs(dtype, param_dtype, attention, remat_policy))
+  return cls(config=cfg, **_compute_kwargs(dtype, param_dtype, attention_impl, remat_policy))
 
 
 def create_clip_vision_model(config: Any = "openai_vit_l14", *, with_projection: bool = True,
                              dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                             attention: str | None = "xla", remat_policy: str = "none", **overrides: Any
+                             attention_impl: str | None = "xla", remat_policy: str = "none", **overrides: Any
                              ) -> CLIPVisionTransformer | CLIPVisionModelWithProjection:
   """The image tower (transformers CLIPVisionModelWithProjection, or CLIPVisionModel without projection);
   `config` and `overrides` as in create_clip_text_model, with CLIPVisionConfig fields."""
   cfg = _replace(_tower_config(config, "vision"), overrides, "CLIP vision")
   _check_tower(cfg)
   cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionTransformer
-  return cls(config=cfg, **_compute_kwargs(dtype, param_dtype, attention, remat_policy))
+  return cls(config=cfg, **_compute_kwargs(dtype, param_dtype, attention_impl, remat_policy))
 
 
 def create_clip_model(config: Any = "openai_vit_l14", *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                      attention: str | None = "xla", remat_policy: str = "none", **overrides: Any) -> CLIPModel:
+                      attention_impl: str | None = "xla", remat_policy: str = "none", **overrides: Any) -> CLIPModel:
   """The two-tower CLIPModel from a name, a CLIPConfig or a mapping {text: {...}, vision: {...}, projection_dim,
   ...}; `overrides` are top-level CLIPConfig fields (`text=`/`vision=` take a tower config or a mapping)."""
   cfg = _full_config(config)
@@ -756,4 +756,4 @@ def create_clip_model(config: Any = "openai_vit_l14", *, dtype: Any = jnp.float3
                      "create_clip_vision_model for one")
   _check_tower(cfg.text)
   _check_tower(cfg.vision)
-  return CLIPModel(config=cfg, **_compute_kwargs(dtype, param_dtype, attention, remat_policy))
+  return CLIPModel(config=cfg, **_compute_kwargs(dtype, param_dtype, attention_impl, remat_policy))

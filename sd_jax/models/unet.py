@@ -256,7 +256,7 @@ class UNet2DConditionModel(nn.Module):
   # JAX-side switches (not part of the diffusers config).
   dtype: Dtype = jnp.float32  # compute / activation dtype
   param_dtype: Dtype = jnp.float32
-  attention: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" | None (auto)
+  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" | None (auto)
   remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | "nothing_saveable" | ... (layers.REMAT_POLICIES)
 
   # -- config resolution ---------------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ class UNet2DConditionModel(nn.Module):
         norm_eps=self.norm_eps,
         resnet_time_scale_shift=self.resnet_time_scale_shift,
         dropout=self.dropout,
-        attention_impl=self.attention,
+        attention_impl=self.attention_impl,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -653,3 +653,39 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str,
   if unsupported:
     raise NotImplementedError(f"diffusers config options not supported by sd_jax's U-Net: {unsupported}")
   return _check_fields(cfg)
+
+
+# sd_jax fields that are not diffusers config keys.
+_JAX_ONLY = ("dtype", "param_dtype", "attention_impl", "remat_policy", "mid_block_add_attention")
+_UNET2D_KEYS = (
+    "sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_dim", "freq_shift",
+    "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",
+    "layers_per_block", "mid_block_scale_factor", "downsample_padding", "dropout", "act_fn", "attention_head_dim",
+    "norm_num_groups", "norm_eps", "resnet_time_scale_shift", "class_embed_type", "num_class_embeds",
+)
+
+
+def unet_config_to_diffusers(config_fields: Mapping[str, Any] | UNet2DConditionModel) -> dict[str, Any]:
+  """A diffusers config.json dict for an sd_jax U-Net config: `UNet2DModel` when the model has no
+  cross-attention (the pixel-space layout), else `UNet2DConditionModel`. Inverse of unet_config_from_diffusers."""
+  module = config_fields if isinstance(config_fields, UNet2DConditionModel) else create_unet(config_fields)
+  fields = {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name", *_JAX_ONLY)}
+  if not module.has_cross_attention:
+    for key in ("layers_per_block", "attention_head_dim"):
+      if isinstance(fields[key], tuple):
+        raise ValueError(f"diffusers UNet2DModel takes one {key} for all blocks, got {fields[key]}")
+    unsupported = {k: fields[k] for k in ("conv_in_kernel", "conv_out_kernel") if fields[k] != 3}
+    if any(fields["only_cross_attention"] if isinstance(fields["only_cross_attention"], tuple)
+           else (fields["only_cross_attention"],)):
+      unsupported["only_cross_attention"] = fields["only_cross_attention"]
+    if unsupported:
+      raise ValueError(f"diffusers UNet2DModel has no equivalent for {unsupported}")
+    config = {"_class_name": "UNet2DModel", **{k: fields[k] for k in _UNET2D_KEYS}}
+    config["add_attention"] = module.mid_block_add_attention
+  else:
+    config = {"_class_name": "UNet2DConditionModel", **fields}
+    # diffusers refuses num_attention_heads (its attention_head_dim means heads in cross-attention blocks).
+    heads = config.pop("num_attention_heads")
+    if heads is not None:
+      config["attention_head_dim"] = heads
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}

@@ -113,7 +113,7 @@ class _VAEBlock(nn.Module):
   num_layers: int = 2
   norm_num_groups: int = 32
   act_fn: str = "silu"
-  attention: str | None = "xla"
+  attention_impl: str | None = "xla"
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -182,7 +182,7 @@ class VAEMidBlock(_VAEBlock):
           norm_num_groups=self.norm_num_groups,
           eps=VAE_NORM_EPS,
           residual_connection=True,
-          attention_impl=self.attention,
+          attention_impl=self.attention_impl,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name="attentions_0",
@@ -199,7 +199,7 @@ class Encoder(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = "silu"
   mid_block_add_attention: bool = True
-  attention: str | None = "xla"
+  attention_impl: str | None = "xla"
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -210,7 +210,7 @@ class Encoder(nn.Module):
     block_kw = dict(
         norm_num_groups=self.norm_num_groups,
         act_fn=self.act_fn,
-        attention=self.attention,
+        attention_impl=self.attention_impl,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -244,7 +244,7 @@ class Decoder(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = "silu"
   mid_block_add_attention: bool = True
-  attention: str | None = "xla"
+  attention_impl: str | None = "xla"
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -255,7 +255,7 @@ class Decoder(nn.Module):
     block_kw = dict(
         norm_num_groups=self.norm_num_groups,
         act_fn=self.act_fn,
-        attention=self.attention,
+        attention_impl=self.attention_impl,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -313,7 +313,7 @@ class AutoencoderKL(nn.Module):
   # JAX-side switches (not part of the diffusers config).
   dtype: Dtype = jnp.float32  # compute / activation dtype; the posterior is always float32
   param_dtype: Dtype = jnp.float32
-  attention: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" | None (auto)
+  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" | None (auto)
   remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | ... (layers.REMAT_POLICIES), per resnet/attention
 
   def validate(self) -> None:
@@ -353,7 +353,7 @@ class AutoencoderKL(nn.Module):
         norm_num_groups=self.norm_num_groups,
         act_fn=self.act_fn,
         mid_block_add_attention=self.mid_block_add_attention,
-        attention=self.attention,
+        attention_impl=self.attention_impl,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -517,3 +517,16 @@ def vae_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, 
   if unsupported:
     raise NotImplementedError(f"diffusers config options not supported by sd_jax's VAE: {unsupported}")
   return _check_fields(cfg)
+
+
+def vae_config_to_diffusers(model: AutoencoderKL) -> dict[str, Any]:
+  """diffusers config.json dict for `model` (JAX-side switches dropped)."""
+  keys = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+          "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
+          "shift_factor", "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv",
+          "mid_block_add_attention")
+  config: dict[str, Any] = {"_class_name": "AutoencoderKL"}
+  for key in keys:
+    value = getattr(model, key)
+    config[key] = list(value) if isinstance(value, tuple) else value
+  return config

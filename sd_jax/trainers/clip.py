@@ -25,10 +25,10 @@ Evaluation: the held-out contrastive loss (eval_metrics); zero-shot colour+kind 
 images against every colour x kind prompt (shapes only); text<->image retrieval R@k on held-out pairs.
 
 Export (end of training): WORKDIR/export/ is an sd_jax model directory (weights/store.py) with
-  text_encoder/   the text tower (transformers CLIPTextModel layout)  -> pipeline.load_model(..., ("text_encoder",))
+  text_encoder/   the text tower (transformers CLIPTextModel layout)  -> input_pipeline.load_model(..., ("text_encoder",))
   tokenizer/      the tokenizer                                       -> tokenizer.load_clip_tokenizer(...)
   clip/           both towers, projections, logit scale (and bias)    -> load_exported_clip(...) here
-`clip/` is not listed in sd_jax_model.json: weights/pipeline.py has no codec for a two-tower CLIPModel, and the
+`clip/` is not listed in sd_jax_model.json: weights/input_pipeline.py has no codec for a two-tower CLIPModel, and the
 index drives `load_model` / `export_diffusers`.
 """
 
@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sd_jax import parallel
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_lib
 from sd_jax.weights import store
@@ -120,7 +120,7 @@ def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray | None = None
 
 
 def _training_captions(dataset_config) -> list[str]:
-  info = pipeline.dataset_info(dataset_config, dataset_config.train_split)
+  info = input_pipeline.dataset_info(dataset_config, dataset_config.train_split)
   return [info.captions(i) for i in range(info.num_examples)]
 
 
@@ -203,7 +203,7 @@ def build_model(config, tokenizer: tokenizer_lib.ClipTokenizer) -> clip_lib.CLIP
   return clip_lib.create_clip_model(
       dict(text=text, vision=m.vision.to_dict(), projection_dim=m.projection_dim),
       logit_scale_init_value=float(loss_config.logit_scale_init), logit_bias_init_value=bias,
-      dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention or None, remat_policy=m.remat_policy)
+      dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl or None, remat_policy=m.remat_policy)
 
 
 def _clip_component_config(config: clip_lib.CLIPConfig) -> dict[str, Any]:
@@ -381,7 +381,7 @@ class Task:
     fn = self._eval_fn("pairs", ctx)
     sharding = parallel.batch_sharding(ctx.mesh, parallel.rules_tuple(config.logical_axis_rules))
     # Padded so every host runs the same number of equal-sized steps; the padding rows lie past `num`.
-    it = pipeline.create_iterator(config.dataset, split=split, global_batch_size=config.batch_size, seed=config.seed,
+    it = input_pipeline.create_iterator(config.dataset, split=split, global_batch_size=config.batch_size, seed=config.seed,
                                   train=False, pad_remainder=True)
     texts, images, seen = [], [], 0
     try:
@@ -401,13 +401,13 @@ class Task:
     """Captions and, for shapes, (num_shapes, colour, kind of the first shape) of the first `num` examples."""
     if split not in self._ground_truth:
       dataset = self.config.dataset
-      info = pipeline.dataset_info(dataset, split)
+      info = input_pipeline.dataset_info(dataset, split)
       captions = [info.captions(i) for i in range(num)]
       attributes = None
       if dataset.name == "shapes":
         # Batches carry only arrays: the ground truth is read from the raw examples, which the pipeline
         # exposes only through its private source (a public accessor would be cleaner).
-        source = pipeline._open_source(pipeline._resolve_config(dataset), split).data
+        source = input_pipeline._open_source(input_pipeline._resolve_config(dataset), split).data
         rows = [source[i] for i in range(num)]
         attributes = {"num_shapes": np.array([int(r["num_shapes"]) for r in rows]),
                       "color": np.array([int(r["shapes"]["color"][0]) for r in rows]),
@@ -429,7 +429,7 @@ class Task:
     clip.eval_examples examples of `split`."""
     from sd_jax.data import shapes
     config = self.config
-    size = pipeline.dataset_info(config.dataset, split).num_examples
+    size = input_pipeline.dataset_info(config.dataset, split).num_examples
     num = size if config.clip.eval_examples < 0 else min(config.clip.eval_examples, size)
     texts, images = self._embed_split(split, num, params, ctx)
     captions, attributes = self._split_ground_truth(split, num)

@@ -101,10 +101,9 @@ class Task:
     """WORKDIR/export/unet: the EMA U-Net as an sd_jax model component (diffusers UNet2DModel config), ready for
     `python -m sd_jax.convert --to_diffusers WORKDIR/export --out DIR`."""
     from sd_jax.weights import store
-    from sd_jax.weights import unet as unet_weights
     params = host_state.ema_params if host_state.ema_params is not None else host_state.params
     out = epath.Path(ctx.workdir) / "export"
-    store.save_component(out, "unet", unet_weights.unet_config_to_diffusers(self.config.model.to_dict()), params,
+    store.save_component(out, "unet", unet_lib.unet_config_to_diffusers(self.config.model.to_dict()), params,
                          overwrite=True)
     if jax.process_index() == 0:
       store.write_index(out, {"unet": "UNet2DModel"}, source=str(ctx.workdir))

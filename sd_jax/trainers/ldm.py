@@ -46,7 +46,7 @@ from etils import epath
 
 from sd_jax import images as images_lib
 from sd_jax import train as train_lib
-from sd_jax.data import pipeline as data_pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.data import precomputed as precomputed_lib
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.diffusion import ddim
@@ -57,9 +57,8 @@ from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.trainers import ddpm
 from sd_jax.weights import common as weights_common
-from sd_jax.weights import pipeline as weights_pipeline
+from sd_jax.weights import model_dir as model_dir_lib
 from sd_jax.weights import store
-from sd_jax.weights import unet as unet_weights
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json")
 # The per-example random draws of one step, in the order the example key is split.
@@ -134,8 +133,8 @@ class FrozenNetworks:
     self.vae_dir = _model_dir(ldm.vae_from, "vae", "config.ldm.vae_from", "a VAE run's WORKDIR/export")
     self.text_dir = _model_dir(ldm.text_from, "text_encoder", "config.ldm.text_from", "a CLIP run's WORKDIR/export")
     compute = dict(dtype=ldm.frozen_dtype)
-    self.vae, self.vae_params = weights_pipeline.load_model(self.vae_dir, ("vae",), **compute)["vae"]
-    self.text, self.text_params = weights_pipeline.load_model(self.text_dir, ("text_encoder",),
+    self.vae, self.vae_params = model_dir_lib.load_model(self.vae_dir, ("vae",), **compute)["vae"]
+    self.text, self.text_params = model_dir_lib.load_model(self.text_dir, ("text_encoder",),
                                                               **compute)["text_encoder"]
     if not 0 <= ldm.clip_skip < self.text.config.num_hidden_layers:
       raise ValueError(f"config.ldm.clip_skip={ldm.clip_skip}: the text tower has "
@@ -339,7 +338,7 @@ class Task:
       if s.prompts:
         self._prompts = [str(p) for p in s.prompts]
       else:
-        info = data_pipeline.dataset_info(self.config.dataset, self.config.dataset.eval_split)
+        info = input_pipeline.dataset_info(self.config.dataset, self.config.dataset.eval_split)
         self._prompts = [info.captions(i) for i in range(min(s.num_prompts, info.num_examples))]
     return self._prompts
 
@@ -379,7 +378,7 @@ class Task:
       self._evaluator = shapes_eval.load_evaluator(s.shapes_evaluator)
     results = {}
     for split in (self.config.dataset.eval_split, "compositional"):
-      info = data_pipeline.dataset_info(self.config.dataset, split)
+      info = input_pipeline.dataset_info(self.config.dataset, split)
       prompts = [info.captions(i) for i in range(min(s.shapes_eval_prompts, info.num_examples))]
       images = self.sample(params, frozen, prompts, rng, mesh, images_per_prompt=1)[:, 0]
       results[f"eval_shapes_acc_{split}"] = float(self._evaluator.score(images, prompts).accuracy)
@@ -435,7 +434,7 @@ class Task:
     multihost_utils.sync_global_devices("ldm_export_start")
     fields = {f: getattr(self.model, f) for f in self.model.__dataclass_fields__ if f not in ("parent", "name")}
     # orbax coordinates the processes: all of them call save_component.
-    store.save_component(tmp, "unet", unet_weights.unet_config_to_diffusers(fields), unet_params)
+    store.save_component(tmp, "unet", unet_lib.unet_config_to_diffusers(fields), unet_params)
     if self.train_text:
       store.save_component(tmp, "text_encoder", clip_lib.clip_config_to_transformers(self.text.config),
                            params["text_encoder"])
@@ -497,10 +496,10 @@ def precompute(config, out_dir: str | None = None, splits: Sequence[str] | None 
       continue
     if jax.process_index() == 0:
       logging.info("Precomputing the %s split into %s.", split, out)
-      info = data_pipeline.dataset_info(config.dataset, split)
+      info = input_pipeline.dataset_info(config.dataset, split)
       source = ml_collections.ConfigDict(config.dataset.to_dict())
       source.precomputed_dir = ""  # read the images themselves
-      batches = data_pipeline.create_iterator(source, split=split, global_batch_size=config.batch_size,
+      batches = input_pipeline.create_iterator(source, split=split, global_batch_size=config.batch_size,
                                               seed=config.seed, train=False, process_index=0, process_count=1)
       try:
         precomputed_lib.write_split(

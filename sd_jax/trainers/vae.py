@@ -33,7 +33,7 @@ Evaluation: `eval_psnr`, `eval_l1`, `eval_l2` and `eval_kl` on the held-out spli
 grid of originals (top row) over reconstructions in WORKDIR/samples/ and TensorBoard. At the end of training,
 `export` measures the latent scaling factor (1 / std of posterior-mode latents over training images) and writes
 the autoencoder with it to WORKDIR/export/vae (sd_jax/weights/store.py), which
-`sd_jax.weights.pipeline.load_model(WORKDIR/export, components=("vae",))` reads.
+`sd_jax.weights.model_dir.load_model(WORKDIR/export, components=("vae",))` reads.
 """
 
 from __future__ import annotations
@@ -51,12 +51,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sd_jax import images as images_lib
 from sd_jax import parallel
 from sd_jax import train as train_lib
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.models import discriminator as disc_lib
 from sd_jax.models import lpips as lpips_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.weights import store
-from sd_jax.weights import vae as vae_weights
 
 EXPORT_DIR = "export"  # WORKDIR/export: the sd_jax model directory the next stage loads
 
@@ -302,7 +301,7 @@ class Task:
       z = self.model.apply({"params": p}, images, method=self.model.encode).mode()
       return jnp.sum(z), jnp.sum(jnp.square(z)), z.size
 
-    iterator = pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
+    iterator = input_pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
                                         global_batch_size=config.batch_size, seed=config.seed, train=False,
                                         drop_remainder=True)
     total, total_sq, count = 0.0, 0.0, 0
@@ -336,7 +335,7 @@ class Task:
     module = self.model.clone(scaling_factor=stats["scaling_factor"])
     out = epath.Path(ctx.workdir) / EXPORT_DIR
     # Every process takes part in the orbax save; re-exporting the run's own directory replaces it.
-    store.save_component(out, "vae", vae_weights.vae_config_to_diffusers(module), params, overwrite=True)
+    store.save_component(out, "vae", vae_lib.vae_config_to_diffusers(module), params, overwrite=True)
     if jax.process_index() == 0:
       store.write_index(out, {"vae": "AutoencoderKL"}, source=str(ctx.workdir))
-    logging.info("Exported the autoencoder to %s (load with sd_jax.weights.pipeline.load_model).", out)
+    logging.info("Exported the autoencoder to %s (load with sd_jax.weights.model_dir.load_model).", out)

@@ -272,7 +272,7 @@ def load_clip_text_from_transformers_dir(directory, *, allow_pickle: bool = Fals
   model.safetensors), e.g. a diffusers checkpoint's `text_encoder/`.
 
   with_projection: None = CLIPTextModelWithProjection when config.json's architectures say so.
-  model_kwargs: compute options for create_clip_text_model (dtype, param_dtype, attention, remat_policy).
+  model_kwargs: compute options for create_clip_text_model (dtype, param_dtype, attention_impl, remat_policy).
   """
   directory = epath.Path(directory)
   config_json = json.loads((directory / "config.json").read_text())

@@ -36,6 +36,7 @@ from sd_jax.models.unet import (
     UNet2DConditionModel,
     create_unet,
     unet_config_from_diffusers,
+    unet_config_to_diffusers,
 )
 from sd_jax.weights import common
 
@@ -175,7 +176,7 @@ def load_unet_from_diffusers_dir(directory, *, variant: str | None = None, allow
   """(module, params) from a diffusers U-Net directory: config.json + diffusion_pytorch_model[.variant].safetensors
   (or its sharded index).
 
-  `overrides` are sd_jax-side fields (dtype="bfloat16", remat_policy=..., attention=...). Pickle `.bin` files
+  `overrides` are sd_jax-side fields (dtype="bfloat16", remat_policy=..., attention_impl=...). Pickle `.bin` files
   are refused unless allow_pickle. Raises common.WeightsMismatchError when the weights do not fit the config.
   """
   directory = epath.Path(directory)
@@ -186,42 +187,6 @@ def load_unet_from_diffusers_dir(directory, *, variant: str | None = None, allow
   weights = common.find_weights(directory, DIFFUSERS_STEM, variant=variant, allow_pickle=allow_pickle)
   state_dict = common.load_state_dict(weights, allow_pickle=allow_pickle)
   return module, unet_from_diffusers_state_dict(state_dict, module)
-
-
-# sd_jax fields that are not diffusers config keys.
-_JAX_ONLY = ("dtype", "param_dtype", "attention", "remat_policy", "mid_block_add_attention")
-_UNET2D_KEYS = (
-    "sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_dim", "freq_shift",
-    "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",
-    "layers_per_block", "mid_block_scale_factor", "downsample_padding", "dropout", "act_fn", "attention_head_dim",
-    "norm_num_groups", "norm_eps", "resnet_time_scale_shift", "class_embed_type", "num_class_embeds",
-)
-
-
-def unet_config_to_diffusers(config_fields: Config) -> dict[str, Any]:
-  """A diffusers config.json dict for an sd_jax U-Net config: `UNet2DModel` when the model has no
-  cross-attention (the pixel-space layout), else `UNet2DConditionModel`. Inverse of unet_config_from_diffusers."""
-  module = _as_module(config_fields)
-  fields = {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name", *_JAX_ONLY)}
-  if not module.has_cross_attention:
-    for key in ("layers_per_block", "attention_head_dim"):
-      if isinstance(fields[key], tuple):
-        raise ValueError(f"diffusers UNet2DModel takes one {key} for all blocks, got {fields[key]}")
-    unsupported = {k: fields[k] for k in ("conv_in_kernel", "conv_out_kernel") if fields[k] != 3}
-    if any(fields["only_cross_attention"] if isinstance(fields["only_cross_attention"], tuple)
-           else (fields["only_cross_attention"],)):
-      unsupported["only_cross_attention"] = fields["only_cross_attention"]
-    if unsupported:
-      raise ValueError(f"diffusers UNet2DModel has no equivalent for {unsupported}")
-    config = {"_class_name": "UNet2DModel", **{k: fields[k] for k in _UNET2D_KEYS}}
-    config["add_attention"] = module.mid_block_add_attention
-  else:
-    config = {"_class_name": "UNet2DConditionModel", **fields}
-    # diffusers refuses num_attention_heads (its attention_head_dim means heads in cross-attention blocks).
-    heads = config.pop("num_attention_heads")
-    if heads is not None:
-      config["attention_head_dim"] = heads
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
 def save_unet_to_diffusers_dir(directory, config_fields: Config, params: Mapping[str, Any]) -> None:
@@ -272,8 +237,8 @@ def _ldm_module_map(module: UNet2DConditionModel) -> tuple[dict[str, str], dict[
   subtrees = {}
 
   def resnet(diffusers_name, ldm_name):
-    for d, l in _LDM_RESNET.items():
-      modules[f"{diffusers_name}.{d}"] = f"{ldm_name}.{l}"
+    for diffusers_part, ldm_part in _LDM_RESNET.items():
+      modules[f"{diffusers_name}.{diffusers_part}"] = f"{ldm_name}.{ldm_part}"
 
   layers = settings["layers"]
   index = 1  # input_blocks.0 is conv_in

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from sd_jax.models.vae import AutoencoderKL, create_vae, vae_config_from_diffusers
+from sd_jax.models.vae import AutoencoderKL, create_vae, vae_config_from_diffusers, vae_config_to_diffusers
 from sd_jax.weights import common
 
 DIFFUSERS_WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -226,19 +226,6 @@ def load_vae_from_diffusers_dir(
   weights = common.find_weights(directory, DIFFUSERS_WEIGHTS_STEM, variant=variant, allow_pickle=allow_pickle)
   state_dict = common.load_state_dict(weights, allow_pickle=allow_pickle)
   return model, vae_from_diffusers_state_dict(state_dict, model)
-
-
-def vae_config_to_diffusers(model: AutoencoderKL) -> dict[str, Any]:
-  """diffusers config.json dict for `model` (JAX-side switches dropped)."""
-  keys = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-          "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
-          "shift_factor", "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv",
-          "mid_block_add_attention")
-  config: dict[str, Any] = {"_class_name": "AutoencoderKL"}
-  for key in keys:
-    value = getattr(model, key)
-    config[key] = list(value) if isinstance(value, tuple) else value
-  return config
 
 
 def save_vae_to_diffusers_dir(directory, model: AutoencoderKL, params: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from experiments import report as report_lib
+from experiments import launchers
 from experiments import sweep as sw
 from sd_jax import metrics
 from sd_jax.data import shapes
@@ -53,7 +54,7 @@ def _sweep(*args, env, monkeypatch):
     monkeypatch.setenv(k, v)
   stdout, stderr = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    code = sw.main([str(a) for a in args])
+    code = launchers.main([str(a) for a in args])
   return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 

@@ -12,6 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import launchers
 from experiments import sweep as sw
 from sd_jax import main as sd_main
 from tests import helpers
@@ -29,7 +30,7 @@ def _cli(*args):
   """`python -m experiments.sweep ARGS`, in this process (the dry-run test runs the real command)."""
   stdout, stderr = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    code = sw.main([str(a) for a in args])
+    code = launchers.main([str(a) for a in args])
   return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 

@@ -15,7 +15,7 @@ from sd_jax import train
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_lib
 from sd_jax.trainers import clip as clip_trainer
-from sd_jax.weights import pipeline as weights_pipeline
+from sd_jax.weights import model_dir as model_dir_lib
 from tests import helpers
 
 STEPS = 6
@@ -115,7 +115,7 @@ def test_run_trains_evaluates_and_exports(reference):
       str(reference / "tokenizer")) == clip_trainer._directory_digest(str(reference / "export" / "tokenizer"))
 
   # What the latent-diffusion trainer loads: the text tower, equal to the two-tower model's text tower.
-  text_encoder, text_params = weights_pipeline.load_model(reference / "export", components=("text_encoder",))[
+  text_encoder, text_params = model_dir_lib.load_model(reference / "export", components=("text_encoder",))[
       "text_encoder"]
   assert isinstance(text_encoder, clip_lib.CLIPTextTransformer)
   assert text_encoder.config.vocab_size == tokenizer.vocab_size

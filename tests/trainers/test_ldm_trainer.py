@@ -22,7 +22,7 @@ from sd_jax import checkpoint as ckpt_lib
 from sd_jax import metrics
 from sd_jax import parallel
 from sd_jax import train
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.data import precomputed
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.diffusion import samplers
@@ -30,9 +30,8 @@ from sd_jax.diffusion import schedules
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.trainers import ldm
-from sd_jax.weights import pipeline as weights_pipeline
+from sd_jax.weights import model_dir as model_dir_lib
 from sd_jax.weights import store
-from sd_jax.weights import vae as vae_weights
 from tests import helpers
 
 STEPS = 6
@@ -45,14 +44,14 @@ def stages(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("stages")
   text_config = clip_lib.clip_config("tiny").text
   dataset = helpers.load_config("shapes_ldm", "runlocal").dataset
-  info = pipeline.dataset_info(dataset, "train")
+  info = input_pipeline.dataset_info(dataset, "train")
   tok = tokenizer_lib.train_tokenizer((info.captions(i) for i in range(info.num_examples)),
                                       str(root / "text" / "tokenizer"), vocab_size=600,
                                       max_length=text_config.max_position_embeddings)
 
   vae = vae_lib.create_vae("tiny")
   vae_params = nn.meta.unbox(vae.init(jax.random.PRNGKey(1), **vae.example_inputs())["params"])
-  store.save_component(root / "vae", "vae", vae_weights.vae_config_to_diffusers(vae), vae_params)
+  store.save_component(root / "vae", "vae", vae_lib.vae_config_to_diffusers(vae), vae_params)
   store.write_index(root / "vae", {"vae": "AutoencoderKL"}, source="test")
 
   # The tiny tower, with the vocabulary and special ids of the tokenizer it is used with.
@@ -73,7 +72,7 @@ def _config(stages, **overrides):
 
 
 def _batch(config, split="train"):
-  it = pipeline.create_iterator(config.dataset, split=split, global_batch_size=config.batch_size, seed=config.seed,
+  it = input_pipeline.create_iterator(config.dataset, split=split, global_batch_size=config.batch_size, seed=config.seed,
                                 train=split == config.dataset.train_split)
   batch = next(it)
   it.close()
@@ -169,7 +168,7 @@ def test_export_is_a_complete_model_directory(stages, reference, trained, tmp_pa
   from diffusers import DDIMScheduler
   vae_dir, text_dir = stages
   export = reference / "export"
-  models = weights_pipeline.load_model(export)
+  models = model_dir_lib.load_model(export)
   assert sorted(models) == ["text_encoder", "unet", "vae"]
   assert store.read_clip_skip(export) == trained["config"].ldm.clip_skip  # the context the U-Net was trained on
   unet, unet_params = models["unet"]
@@ -185,7 +184,7 @@ def test_export_is_a_complete_model_directory(stages, reference, trained, tmp_pa
   np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), trained["task"].schedule.alphas_cumprod, rtol=1e-6)
   assert scheduler.config.prediction_type == trained["config"].diffusion.prediction_type
   # ... and the directory converts to diffusers.
-  written = weights_pipeline.export_diffusers(export, tmp_path / "diffusers")
+  written = model_dir_lib.export_diffusers(export, tmp_path / "diffusers")
   assert sorted(written) == ["text_encoder", "unet", "vae"]
   model_index = json.loads((tmp_path / "diffusers" / "model_index.json").read_text())
   assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(model_index)
@@ -282,18 +281,18 @@ def test_precompute_matches_online_encoding(stages, trained, tmp_path):
   config = trained["config"]
   ldm.precompute(config, str(out))
   meta = precomputed.read_meta(out, "train")
-  assert meta["num_examples"] == pipeline.dataset_info(config.dataset, "train").num_examples
+  assert meta["num_examples"] == input_pipeline.dataset_info(config.dataset, "train").num_examples
   assert meta["shapes"]["latent_mean"][1:] == [8, 8, 4] and meta["shapes"]["context"][1:] == [16, 32]
   stamp = (out / "train" / "latent_mean.npy").stat().st_mtime_ns
   ldm.precompute(config, str(out))  # reused, not rewritten
   assert (out / "train" / "latent_mean.npy").stat().st_mtime_ns == stamp
   captions = precomputed.PrecomputedSource(out, "test").captions()
-  assert captions[0] == " ".join(pipeline.dataset_info(config.dataset, "test").captions(0).lower().split())
+  assert captions[0] == " ".join(input_pipeline.dataset_info(config.dataset, "test").captions(0).lower().split())
 
   # Step s of a precomputed run sees the same examples, posteriors and contexts as step s of an image run.
   params, frozen, keys, per_example = (trained["state"].params, trained["frozen"], trained["keys"],
                                        trained["per_example"])
-  images = pipeline.create_iterator(config.dataset, split="train", global_batch_size=8, seed=config.seed)
+  images = input_pipeline.create_iterator(config.dataset, split="train", global_batch_size=8, seed=config.seed)
   latents = precomputed.create_iterator(out, split="train", global_batch_size=8, seed=config.seed)
   for _ in range(2):
     from_latents = per_example(params, frozen, next(latents), keys, config.ldm.caption_dropout)[0]
@@ -313,7 +312,7 @@ def test_precompute_matches_online_encoding(stages, trained, tmp_path):
   text = jax.tree.map(lambda x: x * 1.5, store.load_component(stages[1], "text_encoder")[1])  # "tuned" weights
   tuned_params, tuned_frozen = {"unet": params, "text_encoder": text}, {"vae": frozen["vae"]}
   tuned_loss = jax.jit(tuned.per_example_loss)
-  images = pipeline.create_iterator(config.dataset, split="train", global_batch_size=8, seed=config.seed)
+  images = input_pipeline.create_iterator(config.dataset, split="train", global_batch_size=8, seed=config.seed)
   latents = precomputed.create_iterator(out, split="train", global_batch_size=8, seed=config.seed)
   image_batch, latent_batch = next(images), next(latents)
   images.close()

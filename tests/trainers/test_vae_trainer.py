@@ -16,12 +16,12 @@ from sd_jax import checkpoint as ckpt_lib
 from sd_jax import images as images_lib
 from sd_jax import metrics
 from sd_jax import train
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.models import discriminator as disc_lib
 from sd_jax.models import lpips as lpips_lib
 from sd_jax.trainers import vae as vae_trainer
 from sd_jax.weights import common
-from sd_jax.weights import pipeline as weights_pipeline
+from sd_jax.weights import model_dir as model_dir_lib
 from tests import helpers
 
 STEPS = 4
@@ -67,7 +67,7 @@ def test_reconstruction_grid_has_originals_on_top(reference):
   grid = np.asarray(Image.open(reference / "samples" / f"step_{STEPS:07d}.png"))
   n, res, pad = config.sample.num_images, config.dataset.resolution, 2
   assert grid.shape == (2 * (res + pad) + pad, n * (res + pad) + pad, 3)
-  first = next(pipeline.create_iterator(config.dataset, split=config.dataset.eval_split,
+  first = next(input_pipeline.create_iterator(config.dataset, split=config.dataset.eval_split,
                                         global_batch_size=config.batch_size, seed=config.seed, train=False))
   np.testing.assert_array_equal(grid[pad:pad + res, pad:pad + res], images_lib.to_uint8(first["image"][0]))
   assert list(reference.glob("events.out.tfevents.*"))
@@ -101,7 +101,7 @@ def test_export_is_loadable_with_the_measured_scaling_factor(reference):
   measured = [r for r in metrics.read_metrics(reference) if "export_scaling_factor" in r]
   assert len(measured) == 1
   scaling_factor = measured[0]["export_scaling_factor"]
-  models = weights_pipeline.load_model(reference / "export", components=("vae",))
+  models = model_dir_lib.load_model(reference / "export", components=("vae",))
   vae, params = models["vae"]
   assert vae.scaling_factor == pytest.approx(scaling_factor, rel=1e-6) and scaling_factor != 1.0
   assert tuple(vae.block_out_channels) == tuple(config.model.block_out_channels)
@@ -114,7 +114,7 @@ def test_export_is_loadable_with_the_measured_scaling_factor(reference):
   jax.tree.map(np.testing.assert_array_equal, params, state.ema_params["vae"])
 
   # The scaling factor is 1 / std of the posterior-mode latents of the first export.scale_batches training batches.
-  iterator = pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
+  iterator = input_pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
                                       global_batch_size=config.batch_size, seed=config.seed, train=False)
   images = np.concatenate([next(iterator)["image"] for _ in range(config.export.scale_batches)])
   latents = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).mode())(params, images)

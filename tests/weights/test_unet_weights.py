@@ -19,6 +19,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # n
 
 from sd_jax.models.unet import create_unet, unet_config, unet_config_from_diffusers  # noqa: E402
 from sd_jax.weights import common  # noqa: E402
+from sd_jax.models import unet as unet_models  # noqa: E402
 from sd_jax.weights import unet as unet_weights  # noqa: E402
 
 ATOL = 1e-4  # float32 parity
@@ -149,7 +150,7 @@ def saved(tmp_path_factory):
   def get(name):
     if name not in cache:
       if name == "ddpm":
-        config = unet_weights.unet_config_to_diffusers(unet_config("ddpm_small"))
+        config = unet_models.unet_config_to_diffusers(unet_config("ddpm_small"))
         assert config.pop("_class_name") == "UNet2DModel"
         model = diffusers.UNet2DModel(**config)
       else:
@@ -335,7 +336,7 @@ def test_real_sd_keys_map_one_to_one(name):
   module = create_unet(name)
   abstract = jax.eval_shape(functools.partial(module.init, jax.random.key(0)), **module.example_inputs())["params"]
   exported = unet_weights.unet_to_diffusers_state_dict(abstract)
-  diffusers_config = unet_weights.unet_config_to_diffusers(module)
+  diffusers_config = unet_models.unet_config_to_diffusers(module)
   with torch.device("meta"):
     reference = diffusers.UNet2DConditionModel(**{k: v for k, v in diffusers_config.items() if k != "_class_name"})
   expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Tests for sd_jax.data.pipeline: batches, sharding across hosts, exact resume.
+"""Tests for sd_jax.data.input_pipeline: batches, sharding across hosts, exact resume.
 
 Most tests read `sd_jax_test_shapes`, a tiny stand-in TFDS builder defined here
 (same feature names as `shapes`, plus an `index` feature used as the label so a
@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from sd_jax.data import pipeline
+from sd_jax.data import input_pipeline
 from sd_jax.data import shapes
 from sd_jax.data import tokenizer as tokenizer_lib
 
@@ -107,7 +107,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def make_config(data_dir, **overrides):
-  cfg = pipeline.default_config()
+  cfg = input_pipeline.default_config()
   cfg.name = "tfds"
   cfg.tfds_name = "sd_jax_test_shapes"
   cfg.data_dir = data_dir
@@ -131,7 +131,7 @@ def assert_batches_equal(a, b):
 
 def test_train_batches(data_dir, tokenizer_dir):
   cfg = make_config(data_dir, tokenizer=tokenizer_dir, max_text_len=12)
-  it = pipeline.create_iterator(cfg, split="train", global_batch_size=6, seed=0)
+  it = input_pipeline.create_iterator(cfg, split="train", global_batch_size=6, seed=0)
   batch = next(it)
   assert set(batch) == {"image", "label", "tokens"}
   assert batch["image"].shape == (6, 8, 8, 3)
@@ -140,7 +140,7 @@ def test_train_batches(data_dir, tokenizer_dir):
   assert batch["label"].dtype == np.int32 and batch["label"].shape == (6,)
   assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (6, 12)
   tok = tokenizer_lib.load_clip_tokenizer(tokenizer_dir)
-  info = pipeline.dataset_info(cfg, "train")
+  info = input_pipeline.dataset_info(cfg, "train")
   for label, tokens in zip(batch["label"], batch["tokens"]):
     assert tok.decode(tokens) == info.captions(int(label))
   json.dumps(it.get_state())
@@ -148,17 +148,17 @@ def test_train_batches(data_dir, tokenizer_dir):
 
 def test_epochs_are_reshuffled_permutations(data_dir):
   cfg = make_config(data_dir)
-  it = pipeline.create_iterator(cfg, split="train", global_batch_size=8, seed=3)
+  it = input_pipeline.create_iterator(cfg, split="train", global_batch_size=8, seed=3)
   epochs = [np.concatenate([b["label"] for b in take(it, 3)]) for _ in range(3)]
   for epoch in epochs:
     assert sorted(epoch) == list(range(NUM_TRAIN))
   assert not np.array_equal(epochs[0], epochs[1])
   assert not np.array_equal(epochs[1], epochs[2])
   # Deterministic in the seed.
-  again = pipeline.create_iterator(cfg, split="train", global_batch_size=8, seed=3)
+  again = input_pipeline.create_iterator(cfg, split="train", global_batch_size=8, seed=3)
   np.testing.assert_array_equal(
       np.concatenate([b["label"] for b in take(again, 3)]), epochs[0])
-  other = pipeline.create_iterator(cfg, split="train", global_batch_size=8, seed=4)
+  other = input_pipeline.create_iterator(cfg, split="train", global_batch_size=8, seed=4)
   assert not np.array_equal(
       np.concatenate([b["label"] for b in take(other, 3)]), epochs[0])
 
@@ -168,9 +168,9 @@ def test_hosts_split_the_one_process_batches(data_dir, process_count):
   """Host p's batch s is rows [p*B, (p+1)*B) of the 1-process batch s."""
   cfg = make_config(data_dir, crop="random", random_flip=True)
   kwargs = dict(split="train", global_batch_size=6, seed=1)
-  single = take(pipeline.create_iterator(cfg, **kwargs, process_index=0,
+  single = take(input_pipeline.create_iterator(cfg, **kwargs, process_index=0,
                                          process_count=1), 7)  # crosses epochs
-  hosts = [take(pipeline.create_iterator(cfg, **kwargs, process_index=p,
+  hosts = [take(input_pipeline.create_iterator(cfg, **kwargs, process_index=p,
                                          process_count=process_count), 7)
            for p in range(process_count)]
   for step, expected in enumerate(single):
@@ -183,15 +183,15 @@ def test_hosts_split_the_one_process_batches(data_dir, process_count):
 def test_eval_hosts_and_remainder(data_dir):
   cfg = make_config(data_dir)
   kwargs = dict(split="test", global_batch_size=4, seed=0, train=False)
-  single = list(pipeline.create_iterator(cfg, **kwargs, process_count=1,
+  single = list(input_pipeline.create_iterator(cfg, **kwargs, process_count=1,
                                          process_index=0))
   # In order, one pass, last partial batch kept.
   assert [b["label"].tolist() for b in single] == [[0, 1, 2, 3], [4, 5, 6, 7],
                                                    [8, 9]]
-  dropped = list(pipeline.create_iterator(cfg, **kwargs, drop_remainder=True))
+  dropped = list(input_pipeline.create_iterator(cfg, **kwargs, drop_remainder=True))
   assert len(dropped) == 2
   # Padded: every host yields 3 batches of 2 rows; masks mark the real rows.
-  hosts = [list(pipeline.create_iterator(cfg, **kwargs, process_index=p,
+  hosts = [list(input_pipeline.create_iterator(cfg, **kwargs, process_index=p,
                                          process_count=2, pad_remainder=True))
            for p in range(2)]
   assert [len(h) for h in hosts] == [3, 3]
@@ -204,21 +204,21 @@ def test_eval_hosts_and_remainder(data_dir):
     np.testing.assert_array_equal(merged["image"][:n], expected["image"])
   # No augmentation in evaluation, even if configured.
   aug = make_config(data_dir, crop="random", random_flip=True)
-  assert_batches_equal(list(pipeline.create_iterator(aug, **kwargs)), single)
+  assert_batches_equal(list(input_pipeline.create_iterator(aug, **kwargs)), single)
 
 
 def test_exact_resume_with_augmentation(data_dir):
   cfg = make_config(data_dir, crop="random", random_flip=True)
   kwargs = dict(split="train", global_batch_size=5, seed=7)
-  it = pipeline.create_iterator(cfg, **kwargs)
+  it = input_pipeline.create_iterator(cfg, **kwargs)
   take(it, 4)
   state = json.loads(json.dumps(it.get_state()))  # must survive JSON
   expected = take(it, 6)
-  resumed = pipeline.create_iterator(cfg, **kwargs)
+  resumed = input_pipeline.create_iterator(cfg, **kwargs)
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 6), expected)
   # Augmentation is on: an example's image differs between epochs.
-  first = pipeline.create_iterator(cfg, **kwargs)
+  first = input_pipeline.create_iterator(cfg, **kwargs)
   seen = {}
   differs = False
   for batch in take(first, 15):
@@ -232,14 +232,14 @@ def test_exact_resume_with_augmentation(data_dir):
 def test_grain_orbax_checkpoint(data_dir, tmp_path):
   cfg = make_config(data_dir, crop="random")
   kwargs = dict(split="train", global_batch_size=4, seed=2)
-  it = pipeline.create_iterator(cfg, **kwargs)
+  it = input_pipeline.create_iterator(cfg, **kwargs)
   take(it, 3)
   mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
   mngr.save(3, args=ocp.args.Composite(
       data_iter=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
   expected = take(it, 3)
-  fresh = pipeline.create_iterator(cfg, **kwargs)
+  fresh = input_pipeline.create_iterator(cfg, **kwargs)
   restored = mngr.restore(3, args=ocp.args.Composite(
       data_iter=grain.checkpoint.CheckpointRestore(fresh)))
   assert restored["data_iter"] is fresh
@@ -252,10 +252,10 @@ def test_worker_processes_give_the_same_batches_and_states(data_dir,
   cfg = make_config(data_dir, crop="random", random_flip=True,
                     tokenizer=tokenizer_dir, max_text_len=12)
   kwargs = dict(split="train", global_batch_size=4, seed=5)
-  in_process = pipeline.create_iterator(cfg, **kwargs)
+  in_process = input_pipeline.create_iterator(cfg, **kwargs)
   expected = take(in_process, 5)
   cfg.num_workers = 2
-  it = pipeline.create_iterator(cfg, **kwargs)
+  it = input_pipeline.create_iterator(cfg, **kwargs)
   try:
     got = take(it, 3)
     state = json.loads(json.dumps(it.get_state()))
@@ -265,7 +265,7 @@ def test_worker_processes_give_the_same_batches_and_states(data_dir,
   assert state == {"examples_seen": 12, "global_batch_size": 4}
   # The state does not depend on num_workers: resume in-process.
   cfg.num_workers = 0
-  resumed = pipeline.create_iterator(cfg, **kwargs)
+  resumed = input_pipeline.create_iterator(cfg, **kwargs)
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 2), expected[3:])
 
@@ -273,14 +273,14 @@ def test_worker_processes_give_the_same_batches_and_states(data_dir,
 def test_resume_with_other_process_count_or_batch_size(data_dir):
   cfg = make_config(data_dir, crop="random", random_flip=True)
   kwargs = dict(split="train", seed=9)
-  single = pipeline.create_iterator(cfg, **kwargs, global_batch_size=6)
+  single = input_pipeline.create_iterator(cfg, **kwargs, global_batch_size=6)
   take(single, 4)
   state = single.get_state()
   expected = take(single, 2)
   # 2 hosts, same global batch: host blocks of the same global batches.
   hosts = []
   for p in range(2):
-    it = pipeline.create_iterator(cfg, **kwargs, global_batch_size=6,
+    it = input_pipeline.create_iterator(cfg, **kwargs, global_batch_size=6,
                                   process_index=p, process_count=2)
     it.set_state(state)
     hosts.append(take(it, 2))
@@ -289,11 +289,11 @@ def test_resume_with_other_process_count_or_batch_size(data_dir):
               for k in expected[step]}
     assert_batches_equal([merged], [expected[step]])
   # Doubled global batch: one batch holds the next two 6-example batches.
-  big = pipeline.create_iterator(cfg, **kwargs, global_batch_size=12)
+  big = input_pipeline.create_iterator(cfg, **kwargs, global_batch_size=12)
   big.set_state(state)  # 24 examples seen = 2 batches of 12
   merged = {k: np.concatenate([e[k] for e in expected]) for k in expected[0]}
   assert_batches_equal([next(big)], [merged])
-  odd = pipeline.create_iterator(cfg, **kwargs, global_batch_size=5)
+  odd = input_pipeline.create_iterator(cfg, **kwargs, global_batch_size=5)
   with pytest.raises(ValueError, match="consumed 24 examples.*global batch size 5"):
     odd.set_state(state)
 
@@ -302,32 +302,32 @@ def test_config_errors(data_dir, tokenizer_dir):
   kwargs = dict(split="train", global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match=r"unknown dataset.name 'imagenet'.*"
                      r"\['shapes', 'folder', 'tfds'\]"):
-    pipeline.create_iterator(make_config(data_dir, name="imagenet"), **kwargs)
+    input_pipeline.create_iterator(make_config(data_dir, name="imagenet"), **kwargs)
   with pytest.raises(ValueError, match="global batch size 6 is not divisible "
                      "by the process count 4"):
-    pipeline.create_iterator(make_config(data_dir), split="train",
+    input_pipeline.create_iterator(make_config(data_dir), split="train",
                              global_batch_size=6, seed=0, process_index=0,
                              process_count=4)
   with pytest.raises(ValueError, match=r"unknown split 'validation'.*"
                      r"\['test', 'train'\]"):
-    pipeline.create_iterator(make_config(data_dir), **{**kwargs,
+    input_pipeline.create_iterator(make_config(data_dir), **{**kwargs,
                                                       "split": "validation"})
   with pytest.raises(ValueError, match=r"dataset.text_key='captions.text' is not"
                      r".*\['image', 'caption', 'kind', 'index'\]"):
-    pipeline.create_iterator(make_config(data_dir, text_key="captions.text"),
+    input_pipeline.create_iterator(make_config(data_dir, text_key="captions.text"),
                              **kwargs)
   with pytest.raises(ValueError, match="no caption source"):
-    pipeline.create_iterator(make_config(data_dir, text_key="", label_key="",
+    input_pipeline.create_iterator(make_config(data_dir, text_key="", label_key="",
                                          tokenizer=tokenizer_dir), **kwargs)
   with pytest.raises(ValueError, match="unknown dataset.crop"):
-    pipeline.create_iterator(make_config(data_dir, crop="middle"), **kwargs)
+    input_pipeline.create_iterator(make_config(data_dir, crop="middle"), **kwargs)
 
 
 def test_tfds_dataset_needing_download_is_not_downloaded(tmp_path):
   cfg = make_config(str(tmp_path), tfds_name="cifar10")
   with pytest.raises(FileNotFoundError,
                      match=r"not prepared .* nothing is downloaded.*tfds build"):
-    pipeline.create_iterator(cfg, split="train", global_batch_size=2, seed=0)
+    input_pipeline.create_iterator(cfg, split="train", global_batch_size=2, seed=0)
 
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
@@ -362,18 +362,18 @@ def test_tfds_cifar10_class_name_captions(tmp_path, tokenizer_dir):
                     max_text_len=40)
   with tfds.testing.mock_data(num_examples=12, data_dir=str(tmp_path),
                               policy=tfds.testing.MockPolicy.USE_FILES):
-    info = pipeline.dataset_info(cfg, "test")
-    it = pipeline.create_iterator(cfg, split="train", global_batch_size=4,
+    info = input_pipeline.dataset_info(cfg, "test")
+    it = input_pipeline.create_iterator(cfg, split="train", global_batch_size=4,
                                   seed=0)
     batch = next(it)
-    eval_batch = next(pipeline.create_iterator(cfg, split="test",
+    eval_batch = next(input_pipeline.create_iterator(cfg, split="test",
                                                global_batch_size=12, seed=0,
                                                train=False))
   assert info.label_names == CIFAR10_NAMES and info.num_examples == 12
   assert batch["image"].shape == (4, 16, 16, 3)
   labels = eval_batch["label"]
   captions = [info.captions(i) for i in range(12)]
-  assert captions == [f"a photo of a {CIFAR10_NAMES[l]}" for l in labels]
+  assert captions == [f"a photo of a {CIFAR10_NAMES[label]}" for label in labels]
   tok = tokenizer_lib.load_clip_tokenizer(tokenizer_dir, max_length=40)
   assert [tok.decode(t) for t in eval_batch["tokens"]] == captions
   assert "a photo of a airplane" in captions  # mock data is seeded: label 0 occurs
@@ -385,12 +385,12 @@ def test_tfds_coco_captions_from_prepared_files(tmp_path, tokenizer_dir):
   cfg = make_config(str(tmp_path), tfds_name="coco_captions",
                     text_key="captions.text", label_key="", resolution=10,
                     tokenizer=tokenizer_dir, max_text_len=40)
-  info = pipeline.dataset_info(cfg, "val")
+  info = input_pipeline.dataset_info(cfg, "val")
   assert info.num_examples == 3 and info.label_names is None
   assert sorted(info.captions(i) for i in range(3)) == [
       f"Photo {i} caption 0" for i in range(3)]  # eval: the first caption
   tok = tokenizer_lib.load_clip_tokenizer(tokenizer_dir, max_length=40)
-  it = pipeline.create_iterator(cfg, split="train", global_batch_size=6, seed=0)
+  it = input_pipeline.create_iterator(cfg, split="train", global_batch_size=6, seed=0)
   picked = []
   for batch in take(it, 4):
     assert batch["image"].shape == (6, 10, 10, 3)
@@ -401,7 +401,7 @@ def test_tfds_coco_captions_from_prepared_files(tmp_path, tokenizer_dir):
       picked.append(text[-1])
   assert set(picked) == {"0", "1", "2"}  # train: a seeded random caption
   with pytest.raises(ValueError, match=r"unknown split 'test'.*\['train', 'val'\]"):
-    pipeline.dataset_info(cfg, "test")
+    input_pipeline.dataset_info(cfg, "test")
 
 
 def test_folder_dataset(tmp_path):
@@ -415,23 +415,23 @@ def test_folder_dataset(tmp_path):
   records[-1]["split"] = "test"
   (tmp_path / "metadata.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records))
-  cfg = pipeline.default_config()
+  cfg = input_pipeline.default_config()
   cfg.update(name="folder", folder=str(tmp_path), resolution=6)
-  info = pipeline.dataset_info(cfg, "train")
+  info = input_pipeline.dataset_info(cfg, "train")
   assert info.num_examples == 4 and info.captions(2) == "image 2"
-  batches = list(pipeline.create_iterator(cfg, split="train", global_batch_size=3,
+  batches = list(input_pipeline.create_iterator(cfg, split="train", global_batch_size=3,
                                           seed=0, train=False))
   assert [b["image"].shape for b in batches] == [(3, 6, 6, 3), (1, 6, 6, 3)]
   assert batches[0]["image"][1].min() == batches[0]["image"][1].max()  # gray
-  assert pipeline.dataset_info(cfg, "test").num_examples == 1
+  assert input_pipeline.dataset_info(cfg, "test").num_examples == 1
 
 
 def test_real_shapes_builder(tmp_path):
-  cfg = pipeline.default_config()
+  cfg = input_pipeline.default_config()
   cfg.update(name="shapes", data_dir=str(tmp_path), resolution=16,
              shapes_config="r32-train12-test4-comp4", crop="random",
              random_flip=True)
-  batch = next(pipeline.create_iterator(cfg, split="train", global_batch_size=4,
+  batch = next(input_pipeline.create_iterator(cfg, split="train", global_batch_size=4,
                                         seed=0))
   assert batch["image"].shape == (4, 16, 16, 3)
   # The same build, named by a ShapesConfig object instead.
@@ -439,29 +439,29 @@ def test_real_shapes_builder(tmp_path):
                                          shapes.make_config(32, num_train=12,
                                                             num_test=4,
                                                             num_compositional=4)})
-  same = next(pipeline.create_iterator(as_object, split="train",
+  same = next(input_pipeline.create_iterator(as_object, split="train",
                                        global_batch_size=4, seed=0))
   assert_batches_equal([same], [batch])
-  info = pipeline.dataset_info(cfg, "compositional")
+  info = input_pipeline.dataset_info(cfg, "compositional")
   assert info.num_examples == 4 and isinstance(info.captions(0), str)
   assert info.captions(0) and "caption" in info.feature_keys
   with pytest.raises(ValueError, match="unknown split 'val'.*compositional"):
-    pipeline.dataset_info(cfg, "val")
+    input_pipeline.dataset_info(cfg, "val")
   bad = cfg.copy_and_resolve_references()
   bad.shapes_config = "tiny"
   with pytest.raises(ValueError, match="unknown dataset.shapes_config 'tiny'"):
-    pipeline.dataset_info(bad, "train")
+    input_pipeline.dataset_info(bad, "train")
 
 
 def test_resize_and_crop():
   image = np.zeros((20, 40, 3), np.uint8)
   image[:, 18:22] = 255  # a bright vertical bar in the middle
-  out = pipeline.resize_and_crop(image, 10)
+  out = input_pipeline.resize_and_crop(image, 10)
   assert out.shape == (10, 10, 3) and out.dtype == np.uint8
   assert out[:, 4:6].mean() > 200 and out[:, :3].max() == 0  # centred
   rng = np.random.default_rng(0)
-  crops = {pipeline.resize_and_crop(image, 10, random_crop=True, rng=rng)
+  crops = {input_pipeline.resize_and_crop(image, 10, random_crop=True, rng=rng)
            .tobytes() for _ in range(20)}
   assert len(crops) > 1
   np.testing.assert_array_equal(
-      pipeline.resize_and_crop(image, 10, flip=True), out[:, ::-1])
+      input_pipeline.resize_and_crop(image, 10, flip=True), out[:, ::-1])

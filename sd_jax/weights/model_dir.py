@@ -49,7 +49,7 @@ def _unet_codec():
   from sd_jax.weights import unet as unet_weights
   return dict(
       kind="UNet2DConditionModel",
-      to_config=lambda module: unet_weights.unet_config_to_diffusers(_module_fields(module)),
+      to_config=lambda module: unet_models.unet_config_to_diffusers(_module_fields(module)),
       build=lambda cfg, **kw: unet_models.create_unet(unet_models.unet_config_from_diffusers(cfg), **kw),
       load_dir=unet_weights.load_unet_from_diffusers_dir,
       to_state_dict=lambda module, params: unet_weights.unet_to_diffusers_state_dict(params),
@@ -61,7 +61,7 @@ def _vae_codec():
   from sd_jax.weights import vae as vae_weights
   return dict(
       kind="AutoencoderKL",
-      to_config=vae_weights.vae_config_to_diffusers,
+      to_config=vae_models.vae_config_to_diffusers,
       build=lambda cfg, **kw: vae_models.create_vae(vae_models.vae_config_from_diffusers(cfg), **kw),
       load_dir=vae_weights.load_vae_from_diffusers_dir,
       to_state_dict=lambda module, params: vae_weights.vae_to_diffusers_state_dict(params),
@@ -96,7 +96,7 @@ def _save(out, name: str, module, params) -> None:
 def load_model(model_dir, components=("unet", "vae", "text_encoder"), **module_kwargs) -> dict[str, tuple[Any, Any]]:
   """{name: (module, params)} for the components of an sd_jax model directory.
 
-  `module_kwargs` (dtype, param_dtype, attention, remat_policy) set how the modules compute.
+  `module_kwargs` (dtype, param_dtype, attention_impl, remat_policy) set how the modules compute.
   """
   index = store.read_index(model_dir)
   out = {}

@@ -22,7 +22,7 @@ from sd_jax.models import unet as unet_models
 from sd_jax.models import vae as vae_models
 from sd_jax.weights import clip as clip_weights
 from sd_jax.weights import common
-from sd_jax.weights import pipeline
+from sd_jax.weights import model_dir as model_dir_lib
 from sd_jax.weights import store
 from sd_jax.weights import unet as unet_weights
 from sd_jax.weights import vae as vae_weights
@@ -49,9 +49,9 @@ def _public(config: dict) -> dict:
 def sd_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("sd")
   unet = _randomize(diffusers.UNet2DConditionModel(
-      **_public(unet_weights.unet_config_to_diffusers(unet_models.unet_config("tiny")))), 0)
+      **_public(unet_models.unet_config_to_diffusers(unet_models.unet_config("tiny")))), 0)
   vae = _randomize(diffusers.AutoencoderKL(
-      **_public(vae_weights.vae_config_to_diffusers(vae_models.create_vae("tiny")))), 1)
+      **_public(vae_models.vae_config_to_diffusers(vae_models.create_vae("tiny")))), 1)
   text = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
       **clip_models.clip_config_to_transformers(clip_models.clip_config("tiny").text))), 2)
   unet.save_pretrained(root / "unet", safe_serialization=True)
@@ -97,7 +97,7 @@ def _torch_outputs(models):
 
 def _sd_jax_outputs(model_dir):
   """README's Python example, in test form: load a model directory and run each network."""
-  models = pipeline.load_model(model_dir)
+  models = model_dir_lib.load_model(model_dir)
   x = _inputs()
   unet, unet_params = models["unet"]
   noise = unet.apply({"params": unet_params}, x["latents"], x["timesteps"], x["context"])
@@ -140,7 +140,7 @@ def test_import_diffusers_directory_with_the_command_line(sd_dir, tmp_path):
 
 def test_export_loads_in_diffusers_and_transformers(sd_dir, tmp_path):
   root, models = sd_dir
-  pipeline.import_diffusers(root, tmp_path / "model")
+  model_dir_lib.import_diffusers(root, tmp_path / "model")
   result = _convert(f"--to_diffusers={tmp_path / 'model'}", f"--out={tmp_path / 'exported'}")
   assert result.returncode == 0, result.stderr[-3000:]
   exported = tmp_path / "exported"
@@ -154,7 +154,7 @@ def test_export_loads_in_diffusers_and_transformers(sd_dir, tmp_path):
                                                           requires_safety_checker=False)
   assert isinstance(pipe.unet, diffusers.UNet2DConditionModel)
   # Import -> export -> import is exact.
-  pipeline.import_diffusers(exported, tmp_path / "again")
+  model_dir_lib.import_diffusers(exported, tmp_path / "again")
   for name in ("unet", "vae", "text_encoder"):
     first = common.flatten(store.load_component(tmp_path / "model", name)[1])
     second = common.flatten(store.load_component(tmp_path / "again", name)[1])
@@ -166,18 +166,18 @@ def test_export_loads_in_diffusers_and_transformers(sd_dir, tmp_path):
 def test_original_single_file(sd_dir, tmp_path):
   """A v1-5-pruned-emaonly.safetensors-style file (U-Net + VAE + CLIP text under their LDM prefixes)."""
   root, models = sd_dir
-  pipeline.import_diffusers(root, tmp_path / "reference")
-  loaded = pipeline.load_model(tmp_path / "reference")
+  model_dir_lib.import_diffusers(root, tmp_path / "reference")
+  loaded = model_dir_lib.load_model(tmp_path / "reference")
   unet_fields = unet_models.unet_config("tiny")
   state = {}
   state.update(unet_weights.unet_to_ldm_state_dict(loaded["unet"][1], unet_fields))
   state.update(vae_weights.vae_to_ldm_state_dict(loaded["vae"][1]))
-  state.update({pipeline.LDM_CLIP_PREFIX + k: v
+  state.update({model_dir_lib.LDM_CLIP_PREFIX + k: v
                 for k, v in clip_weights.clip_text_to_transformers(loaded["text_encoder"][1]).items()})
   common.save_state_dict(state, tmp_path / "tiny-pruned-emaonly.safetensors")
-  assert pipeline.detect_single_file(state) == "sd1"
+  assert model_dir_lib.detect_single_file(state) == "sd1"
 
-  pipeline.import_single_file(tmp_path / "tiny-pruned-emaonly.safetensors", tmp_path / "single",
+  model_dir_lib.import_single_file(tmp_path / "tiny-pruned-emaonly.safetensors", tmp_path / "single",
                               unet_config=unet_fields, vae_config=vae_models.vae_config("tiny"),
                               text_config=clip_models.clip_config("tiny").text)
   for name in ("unet", "vae", "text_encoder"):
@@ -192,7 +192,7 @@ def test_original_single_file(sd_dir, tmp_path):
 def test_pickle_directory_is_refused(tmp_path):
   (tmp_path / "sd" / "unet").mkdir(parents=True)
   (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps(
-      unet_weights.unet_config_to_diffusers(unet_models.unet_config("tiny"))))
+      unet_models.unet_config_to_diffusers(unet_models.unet_config("tiny"))))
   (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
   result = _convert(f"--from_diffusers={tmp_path / 'sd'}", f"--out={tmp_path / 'out'}")
   assert result.returncode == 1
@@ -200,19 +200,19 @@ def test_pickle_directory_is_refused(tmp_path):
 
 
 def test_single_file_family_detection():
-  sd2 = {pipeline.LDM_UNET_PREFIX + "input_blocks.0.0.weight": np.zeros(1),
-         pipeline.LDM_UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((320, 1024))}
-  assert pipeline.detect_single_file(sd2) == "sd2"
+  sd2 = {model_dir_lib.LDM_UNET_PREFIX + "input_blocks.0.0.weight": np.zeros(1),
+         model_dir_lib.LDM_UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((320, 1024))}
+  assert model_dir_lib.detect_single_file(sd2) == "sd2"
   with pytest.raises(ValueError, match="not an original Stable Diffusion checkpoint"):
-    pipeline.detect_single_file({"foo": np.zeros(1)})
+    model_dir_lib.detect_single_file({"foo": np.zeros(1)})
 
 
 def test_readme_python_example_runs(sd_dir, tmp_path):
   """README's Python block, executed as written against a converted tiny model (path swapped)."""
   root, _ = sd_dir
-  pipeline.import_diffusers(root, tmp_path / "sd15")
+  model_dir_lib.import_diffusers(root, tmp_path / "sd15")
   readme = (helpers.REPO / "README.md").read_text()
-  start = readme.index("```python\nimport numpy as np\nfrom sd_jax.weights import pipeline")
+  start = readme.index("```python\nimport numpy as np\nfrom sd_jax.weights import model_dir as model_dir_lib")
   code = readme[start + len("```python\n"): readme.index("```", start + 10)]
   namespace: dict = {}
   exec(code.replace('"models/sd15', f'"{tmp_path / "sd15"}'), namespace)  # noqa: S102 (our own README)
@@ -227,13 +227,13 @@ def test_sd2_style_single_file_with_open_clip_text(tmp_path):
   unet_fields = unet_models.unet_config("tiny", use_linear_projection=True, attention_head_dim=(2, 4),
                                         upcast_attention=True)
   text_config = clip_models.clip_config("tiny").text
-  unet = _randomize(diffusers.UNet2DConditionModel(**_public(unet_weights.unet_config_to_diffusers(unet_fields))), 3)
+  unet = _randomize(diffusers.UNet2DConditionModel(**_public(unet_models.unet_config_to_diffusers(unet_fields))), 3)
   vae = _randomize(diffusers.AutoencoderKL(
-      **_public(vae_weights.vae_config_to_diffusers(vae_models.create_vae("tiny")))), 4)
+      **_public(vae_models.vae_config_to_diffusers(vae_models.create_vae("tiny")))), 4)
   text = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
       **clip_models.clip_config_to_transformers(dataclasses.replace(text_config, hidden_act="gelu")))), 5)
   text_state = {k.removeprefix("text_model."): v for k, v in text.state_dict().items()}
-  state = {k: np.asarray(v) for k, v in to_open_clip(text_state, pipeline.LDM_OPENCLIP_PREFIX).items()}
+  state = {k: np.asarray(v) for k, v in to_open_clip(text_state, model_dir_lib.LDM_OPENCLIP_PREFIX).items()}
   unet_params = unet_weights.unet_from_diffusers_state_dict(
       {k: v.numpy() for k, v in unet.state_dict().items()}, unet_fields)
   state.update(unet_weights.unet_to_ldm_state_dict(unet_params, unet_fields))
@@ -242,7 +242,7 @@ def test_sd2_style_single_file_with_open_clip_text(tmp_path):
   state.update(vae_weights.vae_to_ldm_state_dict(vae_params))
   common.save_state_dict(state, tmp_path / "sd2-tiny.safetensors")
 
-  pipeline.import_single_file(tmp_path / "sd2-tiny.safetensors", tmp_path / "model", family="sd2",
+  model_dir_lib.import_single_file(tmp_path / "sd2-tiny.safetensors", tmp_path / "model", family="sd2",
                               unet_config=unet_fields, vae_config=vae_models.vae_config("tiny"),
                               text_config=dataclasses.replace(text_config, hidden_act="gelu"),
                               image_size=768, prediction_type="v_prediction")
@@ -261,7 +261,7 @@ def test_model_trained_here_loads_in_diffusers(data_dir, tmp_path):
   result = _convert(f"--to_diffusers={tmp_path / 'run' / 'export'}", f"--out={tmp_path / 'diffusers'}")
   assert result.returncode == 0, result.stderr[-3000:]
   reference = diffusers.UNet2DModel.from_pretrained(tmp_path / "diffusers" / "unet").eval()
-  unet, params = pipeline.load_model(tmp_path / "run" / "export", components=("unet",))["unet"]
+  unet, params = model_dir_lib.load_model(tmp_path / "run" / "export", components=("unet",))["unet"]
   x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   t = np.asarray([3, 900])
   ours = np.asarray(unet.apply({"params": params}, x, t))
