@@ -13,7 +13,7 @@ What it does:
   1. Prompts: the captions of the first N = --num_samples examples of --split (the dataset of the ldm run's
      config.json, with --dataset KEY=VALUE overrides; for --pretrained the --dataset keys alone), or the first N
      lines of --prompts_file. Every prompt gets one image.
-  2. Images: `sd_jax.sample.Pipeline.generate` with --sampler / --steps / --guidance / --seed, --batch_size images
+  2. Images: `sd_jax.generate.TextToImage.generate` with --sampler / --steps / --guidance / --seed, --batch_size images
      per compiled call (batch b's noise from fold_in(PRNGKey(seed), b), as `python -m sd_jax.sample`: the same
      flags give the same images), at the model's resolution (the U-Net's sample_size × the VAE's factor).
   3. Metrics (--metrics, comma-separated):
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import shlex
@@ -285,17 +284,17 @@ class Scorers:
 def load_clip(clip_dir) -> tuple[Any, Any, Any]:
   """(CLIPModel, params, tokenizer) of an sd_jax CLIP export (clip/ and tokenizer/)."""
   from sd_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from sd_jax.trainers import clip as clip_trainer  # pylint: disable=import-outside-toplevel
+  from sd_jax.weights import clip as clip_weights  # pylint: disable=import-outside-toplevel
   clip_dir = epath.Path(clip_dir)
-  if not (clip_dir / clip_trainer.CLIP_COMPONENT / "config.json").exists():
+  if not (clip_dir / clip_weights.CLIP_COMPONENT / "config.json").exists():
     hint = (f" It looks like a training workdir: use {clip_dir / 'export'}."
-            if (clip_dir / "export" / clip_trainer.CLIP_COMPONENT).exists() else "")
-    raise CommandError(f"--clip {clip_dir} holds no two-tower CLIP ({clip_trainer.CLIP_COMPONENT}/config.json): "
+            if (clip_dir / "export" / clip_weights.CLIP_COMPONENT).exists() else "")
+    raise CommandError(f"--clip {clip_dir} holds no two-tower CLIP ({clip_weights.CLIP_COMPONENT}/config.json): "
                        f"pass a CLIP run's WORKDIR/export (config clip.export_clip=True).{hint}")
   if not (clip_dir / "tokenizer" / "vocab.json").exists():
     raise CommandError(f"--clip {clip_dir} has no tokenizer/vocab.json: the CLIP's own tokenizer is needed for "
                        "clip_score.")
-  model, params = clip_trainer.load_exported_clip(clip_dir)
+  model, params = clip_weights.load_exported_clip(clip_dir)
   tokenizer = tokenizer_lib.load_clip_tokenizer(str(clip_dir / "tokenizer"),
                                                 max_length=model.config.text.max_position_embeddings)
   return model, params, tokenizer
@@ -448,19 +447,8 @@ def metric_row(results: Mapping[str, float], *, split: str, eval_split: str) -> 
 def generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance: float, seed: int, batch_size: int,
              eta: float = 0.0) -> np.ndarray:
   """uint8 [N, H, W, 3]: one image per prompt, with a progress bar per batch."""
-  accepted = inspect.signature(pipe.generate).parameters
-  kwargs: dict[str, Any] = {}
-  if "sampler" in accepted:
-    kwargs["sampler"] = sampler
-  elif sampler != "ddim":
-    raise CommandError(f"--sampler={sampler}: this checkout's sd_jax.sample.Pipeline.generate takes no sampler= "
-                       "(DDIM only); use --sampler=ddim.")
-  if "progress" in accepted:
-    kwargs["progress"] = True
-  if eta:
-    kwargs["eta"] = eta
   return pipe.generate(list(prompts), num_images=1, steps=steps, guidance=guidance, seed=seed,
-                       batch_size=batch_size, **kwargs)
+                       batch_size=batch_size, sampler=sampler, eta=eta, progress=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,17 +547,17 @@ def _default_clip(run: RunInfo | None) -> str | None:
 
 
 def _default_shapes_evaluator(run: RunInfo | None) -> str | None:
-  from sd_jax import stages  # pylint: disable=import-outside-toplevel
+  from sd_jax.eval import shapes_eval  # pylint: disable=import-outside-toplevel
   configured = (run.config.get("sample", {}).get("shapes_evaluator") if run is not None else None) or None
   if configured:
     return configured
-  shared = stages.default_evaluator_dir()
+  shared = shapes_eval.default_evaluator_dir()
   return shared if os.path.isdir(shared) else None
 
 
 def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[str, Any]:
   """Everything after the flags are checked; returns the JSON result (also written to disk)."""
-  from sd_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
+  from sd_jax import generate as generate_lib  # pylint: disable=import-outside-toplevel
   start = time.time()
   run = read_run(args.workdir) if args.workdir else None
   base_dataset = run.dataset if run is not None else None
@@ -604,8 +592,8 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
       raise CommandError(f"--num_reference={num_reference} (default: --num_samples), but split {split!r} has only "
                          f"{available} images: lower it.")
   try:
-    pipe = (sample_lib.Pipeline.from_workdir(args.workdir, dtype=args.dtype) if args.workdir
-            else sample_lib.Pipeline.from_model_dir(args.pretrained, dtype=args.dtype))
+    pipe = (generate_lib.TextToImage.from_workdir(args.workdir, dtype=args.dtype) if args.workdir
+            else generate_lib.TextToImage.from_model_dir(args.pretrained, dtype=args.dtype))
   except (FileNotFoundError, ValueError) as e:
     raise CommandError(f"{'--workdir' if args.workdir else '--pretrained'}: {e}") from e
   resolution = pipe.default_size()

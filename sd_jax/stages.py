@@ -112,11 +112,6 @@ def run_stage(stage: str, preset: str, workdir: Path, overrides: Sequence[str] =
   return {"wall_seconds": round(time.time() - wall, 1), "cpu_seconds": round(_cpu_seconds() - cpu, 1)}
 
 
-def default_evaluator_dir() -> str:
-  from sd_jax.data import input_pipeline
-  return os.path.join(os.path.dirname(input_pipeline.default_data_dir()), "shapes_evaluator")
-
-
 def load_or_train_evaluator(directory: str, *, steps: int | None = None):
   """The shapes evaluator from `directory`, trained there first if absent (its report.json says how good it is)."""
   from sd_jax.eval import shapes_eval
@@ -141,9 +136,8 @@ def evaluate_model(model_dir, dataset: dict[str, Any], evaluator, *, num_prompts
   """Shapes accuracy of generated images on the first `num_prompts` captions of each held-out split."""
   import numpy as np
   from sd_jax import images as images_lib
-  from sd_jax import sample as sample_lib
-  from sd_jax.trainers import ldm
-  pipe = sample_lib.Pipeline.from_model_dir(model_dir)
+  from sd_jax import generate
+  pipe = generate.TextToImage.from_model_dir(model_dir)
   results: dict[str, Any] = {}
   grid_images, grid_labels = [], []
   for split in HELDOUT_SPLITS:
@@ -161,7 +155,7 @@ def evaluate_model(model_dir, dataset: dict[str, Any], evaluator, *, num_prompts
     grid_images.append(pairs.reshape(k, 2, *pairs.shape[1:]))
     grid_labels += [f"[{split}] {p}" for p in prompts[:k]]
   if grid_path is not None:
-    grid = ldm.labeled_grid(np.concatenate(grid_images), grid_labels, tile=64)
+    grid = images_lib.labeled_grid(np.concatenate(grid_images), grid_labels, tile=64)
     images_lib.save_png(grid, grid_path)
   return results
 
@@ -252,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   # The wall times below depend on the machine: say which, and how fast it is on a fixed convolution.
   summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}, "machine": machine.describe()}
   print("machine: " + "; ".join(f"{k} {v}" for k, v in summary["machine"].items()), flush=True)
-  evaluator_dir = args.evaluator_dir or default_evaluator_dir()
+  from sd_jax.eval import shapes_eval
+  evaluator_dir = args.evaluator_dir or shapes_eval.default_evaluator_dir()
   evaluator, report = load_or_train_evaluator(evaluator_dir, steps=args.evaluator_steps)
   summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
   # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*), unless its config

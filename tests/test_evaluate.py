@@ -19,7 +19,7 @@ import pytest
 
 from sd_jax import evaluate
 from sd_jax import metrics as metrics_lib
-from sd_jax import sample as sample_lib
+from sd_jax import generate as generate_lib
 from sd_jax.data import input_pipeline
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.eval import clip_score as clip_score_lib
@@ -28,7 +28,7 @@ from sd_jax.eval import shapes_eval
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
-from sd_jax.trainers import clip as clip_trainer
+from sd_jax.weights import clip as clip_weights
 from sd_jax.weights import store
 from tests import helpers
 
@@ -65,7 +65,7 @@ def env(tmp_path_factory, data_dir):
       jnp.zeros((1, vision.image_size, vision.image_size, 3)))["params"])
   fields = clip_lib.clip_config_to_transformers(clip_config)
   fields["logit_bias_init_value"] = None
-  store.save_component(clip_dir, clip_trainer.CLIP_COMPONENT, fields, clip_params)
+  store.save_component(clip_dir, clip_weights.CLIP_COMPONENT, fields, clip_params)
   store.save_component(clip_dir, "text_encoder", clip_lib.clip_config_to_transformers(text_config),
                        clip_params["text_model"])
   store.write_index(clip_dir, {"text_encoder": "CLIPTextModel"}, source="test")
@@ -138,11 +138,11 @@ def test_workdir_evaluation_matches_the_library(env, first):
   # The same images, prompts and references through the library.
   dataset = {**env["dataset"], "tokenizer": "", "precomputed_dir": ""}
   prompts = [input_pipeline.dataset_info(dataset, "test").captions(i) for i in range(N)]
-  pipe = sample_lib.Pipeline.from_workdir(env["workdir"])
+  pipe = generate_lib.TextToImage.from_workdir(env["workdir"])
   images = pipe.generate(prompts, steps=STEPS, guidance=env["config"].sample.guidance_scale, seed=0, batch_size=N,
                          sampler="ddim")
   real = evaluate.real_images(dataset, "test", N)
-  model, params = clip_trainer.load_exported_clip(env["clip_dir"])
+  model, params = clip_weights.load_exported_clip(env["clip_dir"])
   extractor = fid_lib.clip_extractor(model, params, normalization="sd_jax")
   gen_features, real_features = extractor(images), extractor(real)
   want_fd = fid_lib.frechet_distance(*fid_lib.feature_statistics(gen_features),
@@ -207,7 +207,7 @@ def test_compositional_split_and_another_sampler(env):
   assert result["settings"]["split"] == "compositional" and result["settings"]["sampler"] == "euler"
   dataset = {**env["dataset"], "tokenizer": "", "precomputed_dir": ""}
   prompts = evaluate.split_prompts(dataset, "compositional", N)
-  images = sample_lib.Pipeline.from_workdir(env["workdir"]).generate(
+  images = generate_lib.TextToImage.from_workdir(env["workdir"]).generate(
       prompts, steps=STEPS, guidance=env["config"].sample.guidance_scale, seed=0, batch_size=N, sampler="euler")
   score = shapes_eval.load_evaluator(str(env["evaluator_dir"])).score(images, prompts)
   assert result["shapes_accuracy"] == score.accuracy

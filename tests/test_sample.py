@@ -1,4 +1,4 @@
-"""sd_jax.sample: the Pipeline against diffusers' Stable Diffusion pipelines, and the `python -m sd_jax.sample` command.
+"""sd_jax.sample: TextToImage against diffusers' Stable Diffusion pipelines, and the `python -m sd_jax.sample` command.
 
 A tiny random-weight Stable Diffusion (diffusers UNet2DConditionModel + AutoencoderKL, transformers CLIPTextModel, a
 trained CLIP tokenizer, an SD-style DDIM scheduler config) is saved as a diffusers directory and imported with
@@ -19,6 +19,7 @@ import torch
 import transformers
 from PIL import Image
 
+from sd_jax import generate
 from sd_jax import sample
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_models
@@ -76,7 +77,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model):
-  p = sample.Pipeline.from_model_dir(model[1])
+  p = generate.TextToImage.from_model_dir(model[1])
   p.devices = jax.local_devices()[:1]
   return p
 
@@ -91,8 +92,8 @@ def _torch_pipeline(model, cls, scheduler):
 
 
 def _noise(seed: int, batch: int = len(PROMPTS)) -> torch.Tensor:
-  """The initial noise the Pipeline draws for batch 0 of `seed`, NCHW for diffusers."""
-  noise_key, _ = sample.initial_noise_keys(seed, 0)
+  """The initial noise TextToImage draws for batch 0 of `seed`, NCHW for diffusers."""
+  noise_key, _ = generate.initial_noise_keys(seed, 0)
   noise = np.asarray(jax.random.normal(noise_key, (batch, SIZE // 2, SIZE // 2, 4), np.float32))
   return torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2)))
 
@@ -138,8 +139,8 @@ def test_img2img_matches_diffusers(model, pipe, monkeypatch):
   init = init.clip(0, 255).astype(np.uint8)
   got = pipe.generate(PROMPTS, steps=STEPS, guidance=GUIDANCE, seed=2, init_image=init, strength=0.5,
                       output_type="np")
-  # diffusers samples the posterior; the Pipeline takes its mean (the module docstring says why): make the
-  # reference do the same, and add the Pipeline's noise.
+  # diffusers samples the posterior; TextToImage takes its mean (the module docstring says why): make the
+  # reference do the same, and add TextToImage's noise.
   monkeypatch.setattr(img2img_module, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
   monkeypatch.setattr(img2img_module, "randn_tensor", lambda shape, **_: _noise(2).reshape(shape))
   reference = _torch_pipeline(model, diffusers.StableDiffusionImg2ImgPipeline, _scheduler(model, "DDIMScheduler"))
@@ -181,7 +182,7 @@ def test_stochastic_sampler_and_sharded_batch(model, pipe):
   np.testing.assert_array_equal(pipe.generate(PROMPTS, **kwargs), pipe.generate(PROMPTS, **kwargs))
   assert np.abs(pipe.generate(PROMPTS, **{**kwargs, "seed": 4}) - pipe.generate(PROMPTS, **kwargs)).mean() > 0.01
   kwargs = dict(steps=STEPS, guidance=GUIDANCE, seed=1, output_type="np")
-  sharded = sample.Pipeline.from_model_dir(model[1])
+  sharded = generate.TextToImage.from_model_dir(model[1])
   sharded.devices = jax.local_devices()[:2]
   np.testing.assert_allclose(sharded.generate(PROMPTS, **kwargs), pipe.generate(PROMPTS, **kwargs), atol=1e-5)
   assert [key[-1] for key in sharded._compiled] == [True]  # it did run on the 2-device mesh

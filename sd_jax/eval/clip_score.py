@@ -12,7 +12,7 @@ prompts. `ClipScore.cosine` keeps the raw values.) Scores are only comparable be
 CLIP weights, preprocessing and prompts.
 
 Any sd_jax `CLIPModel` works: imported OpenAI / OpenCLIP weights (sd_jax.weights.clip.clip_from_transformers) or
-one trained here (sd_jax.trainers.clip.load_exported_clip). Images are brought to the vision tower's input as
+one trained here (sd_jax.weights.clip.load_exported_clip). Images are brought to the vision tower's input as
 CLIP's image processor does: the short side resized to `image_size` (PIL's 8-bit bicubic, antialiased when shrinking),
 a centre crop, then per-channel (x - mean) / std of [0, 1] pixels. `normalization` picks the mean/std the tower
 was trained with: "openai" (OpenAI CLIP and OpenCLIP models) or "sd_jax" (mean = std = 0.5, i.e. the [-1, 1]

@@ -350,6 +350,13 @@ def load_evaluator(out_dir) -> ShapesEvaluator:
 # Training data and augmentation
 
 
+def default_evaluator_dir() -> str:
+  """Where the shared evaluator is cached: beside the datasets (~/.cache/sd_jax/shapes_evaluator, or
+  $SD_JAX_DATA_DIR/../shapes_evaluator)."""
+  from sd_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel  (TFDS is slow to import)
+  return os.path.join(os.path.dirname(input_pipeline.default_data_dir()), "shapes_evaluator")
+
+
 def blob_image(rng: np.random.Generator, resolution: int) -> np.ndarray:
   """uint8 [R, R, 3]: irregular blobs of random smooth colour on black — no shape of the dataset.
 

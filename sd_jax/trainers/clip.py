@@ -27,21 +27,19 @@ images against every colour x kind prompt (shapes only); text<->image retrieval 
 Export (end of training): WORKDIR/export/ is an sd_jax model directory (weights/store.py) with
   text_encoder/   the text tower (transformers CLIPTextModel layout)  -> input_pipeline.load_model(..., ("text_encoder",))
   tokenizer/      the tokenizer                                       -> tokenizer.load_clip_tokenizer(...)
-  clip/           both towers, projections, logit scale (and bias)    -> load_exported_clip(...) here
+  clip/           both towers, projections, logit scale (and bias)    -> clip_weights.load_exported_clip(...) here
 `clip/` is not listed in sd_jax_model.json: weights/input_pipeline.py has no codec for a two-tower CLIPModel, and the
 index drives `load_model` / `export_diffusers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
 import re
 import shutil
 import tempfile
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -57,12 +55,13 @@ from sd_jax import parallel
 from sd_jax.data import input_pipeline
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_lib
+from sd_jax.weights import clip as clip_weights
 from sd_jax.weights import store
 
 LOSSES = ("softmax", "sigmoid")
 VISION_KEYS = ("vision_model", "visual_projection")  # the image tower and its head: what LiT locks
 TEXT_COMPONENT = "text_encoder"
-CLIP_COMPONENT = "clip"
+CLIP_COMPONENT = clip_weights.CLIP_COMPONENT
 _CACHE_DIR = "sd_jax_clip_tokenizers"  # under tempfile.gettempdir(): process-local, always writable
 
 
@@ -206,21 +205,6 @@ def build_model(config, tokenizer: tokenizer_lib.ClipTokenizer) -> clip_lib.CLIP
       dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl or None, remat_policy=m.remat_policy)
 
 
-def _clip_component_config(config: clip_lib.CLIPConfig) -> dict[str, Any]:
-  """transformers' CLIPConfig dict, plus `logit_bias_init_value` (a SigLIP head, which transformers' CLIP lacks)."""
-  fields = clip_lib.clip_config_to_transformers(dataclasses.replace(config, logit_bias_init_value=None))
-  fields["logit_bias_init_value"] = config.logit_bias_init_value
-  return fields
-
-
-def load_exported_clip(model_dir, **module_kwargs) -> tuple[clip_lib.CLIPModel, Any]:
-  """(CLIPModel, params) of the `clip/` component of a CLIP run's export (for CLIP score, retrieval, LiT)."""
-  fields, params = store.load_component(model_dir, CLIP_COMPONENT)
-  config = dataclasses.replace(clip_lib.clip_config_from_transformers(fields),
-                               logit_bias_init_value=fields.get("logit_bias_init_value"))
-  return clip_lib.create_clip_model(config, **module_kwargs), params
-
-
 def _shape_diff(want, got) -> str:
   """'path: want (shape) got (shape)' lines for every key missing, unexpected or misshaped."""
   def flat(tree):
@@ -308,7 +292,7 @@ class Task:
     want = nn.meta.unbox(self._frozen_abstract())
     source = self.config.clip.image_tower_from
     if source:
-      _, params = load_exported_clip(source)
+      _, params = clip_weights.load_exported_clip(source)
       tower = {k: params[k] for k in VISION_KEYS if k in params}
       diff = _shape_diff(want, tower)
       if diff:
@@ -487,7 +471,7 @@ class Task:
     store.save_component(out, TEXT_COMPONENT, clip_lib.clip_config_to_transformers(text_config),
                          params["text_model"], overwrite=True)
     if self.config.clip.export_clip:
-      store.save_component(out, CLIP_COMPONENT, _clip_component_config(self.model.config), params, overwrite=True)
+      store.save_component(out, CLIP_COMPONENT, clip_weights.clip_component_config(self.model.config), params, overwrite=True)
     self._save_tokenizer(out / "tokenizer")
     self._save_tokenizer(epath.Path(ctx.workdir) / "tokenizer")
     if jax.process_index() == 0:

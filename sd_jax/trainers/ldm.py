@@ -32,7 +32,6 @@ and ignores the stored contexts.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Sequence
 
@@ -396,7 +395,7 @@ class Task:
       return results
     prompts = self.sample_prompts()
     images = self.sample(params, ctx.frozen, prompts, jax.random.PRNGKey(self.config.seed), ctx.mesh)
-    grid = labeled_grid(images, prompts, tile=self.config.sample.tile_size)
+    grid = images_lib.labeled_grid(images, prompts, tile=self.config.sample.tile_size)
     if jax.process_index() == 0:
       out = epath.Path(ctx.workdir) / "samples"
       out.mkdir(parents=True, exist_ok=True)
@@ -510,44 +509,3 @@ def precompute(config, out_dir: str | None = None, splits: Sequence[str] | None 
         batches.close()
     multihost_utils.sync_global_devices(f"ldm_precompute_{split}")
   return epath.Path(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Labelled grids
-
-
-def _wrap(text: str, font, width: int) -> list[str]:
-  """Greedy word wrap of `text` to `width` pixels."""
-  lines: list[str] = []
-  for word in text.split():
-    if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-      lines[-1] = f"{lines[-1]} {word}"
-    else:
-      lines.append(word)
-  return lines or [""]
-
-
-def labeled_grid(images: np.ndarray, labels: Sequence[str], tile: int, pad: int = 4) -> np.ndarray:
-  """uint8 [P, K, H, W, 3] and P labels -> one uint8 image: a cell per label (the label over its K images,
-  upscaled to `tile` pixels), cells laid out in a near-square grid."""
-  from PIL import Image, ImageDraw, ImageFont
-  num_prompts, k = images.shape[:2]
-  font = ImageFont.load_default()
-  cell_w = k * (tile + pad) + pad
-  wrapped = [_wrap(label, font, cell_w - 2 * pad) for label in labels]
-  _, top, _, bottom = font.getbbox("Ag")
-  line_h = bottom - top + pad // 2
-  text_h = max(len(lines) for lines in wrapped) * line_h
-  cell_h = text_h + tile + 2 * pad
-  columns = math.ceil(math.sqrt(num_prompts))
-  rows = math.ceil(num_prompts / columns)
-  canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-  draw = ImageDraw.Draw(canvas)
-  for p in range(num_prompts):
-    x0, y0 = (p % columns) * cell_w, (p // columns) * cell_h
-    for i, line in enumerate(wrapped[p]):
-      draw.text((x0 + pad, y0 + pad + i * line_h - top), line, fill="black", font=font)
-    for j in range(k):
-      image = Image.fromarray(images[p, j]).resize((tile, tile), Image.Resampling.NEAREST)
-      canvas.paste(image, (x0 + pad + j * (tile + pad), y0 + pad + text_h))
-  return np.asarray(canvas)

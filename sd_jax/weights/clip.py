@@ -21,6 +21,7 @@ all missing, unexpected and mis-shaped keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -33,7 +34,9 @@ from etils import epath
 
 from sd_jax.models import clip as clip_lib
 from sd_jax.weights import common
+from sd_jax.weights import store
 
+CLIP_COMPONENT = "clip"  # the two-tower CLIP in an sd_jax model directory (a CLIP run's WORKDIR/export/clip)
 _IGNORED_BUFFERS = ("position_ids",)
 _RAW_LEAVES = ("class_embedding", "logit_scale", "logit_bias")  # nn.Parameter tensors without a `.weight`
 _EMBEDDINGS = ("token_embedding", "position_embedding")
@@ -290,3 +293,22 @@ def load_clip_text_from_transformers_dir(directory, *, allow_pickle: bool = Fals
       state = {k if k.startswith("text_projection") else "text_model." + k: v for k, v in state.items()}
     return model, clip_text_with_projection_from_transformers(state, model)
   return model, clip_text_from_transformers(state, model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two-tower CLIP of an sd_jax model directory
+
+
+def clip_component_config(config: clip_lib.CLIPConfig) -> dict[str, Any]:
+  """transformers' CLIPConfig dict, plus `logit_bias_init_value` (a SigLIP head, which transformers' CLIP lacks)."""
+  fields = clip_lib.clip_config_to_transformers(dataclasses.replace(config, logit_bias_init_value=None))
+  fields["logit_bias_init_value"] = config.logit_bias_init_value
+  return fields
+
+
+def load_exported_clip(model_dir, **module_kwargs) -> tuple[clip_lib.CLIPModel, Any]:
+  """(CLIPModel, params) of the `clip/` component of a CLIP run's export (for CLIP score, retrieval, LiT)."""
+  fields, params = store.load_component(model_dir, CLIP_COMPONENT)
+  config = dataclasses.replace(clip_lib.clip_config_from_transformers(fields),
+                               logit_bias_init_value=fields.get("logit_bias_init_value"))
+  return clip_lib.create_clip_model(config, **module_kwargs), params

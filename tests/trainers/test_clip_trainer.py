@@ -15,6 +15,7 @@ from sd_jax import train
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_lib
 from sd_jax.trainers import clip as clip_trainer
+from sd_jax.weights import clip as clip_weights
 from sd_jax.weights import model_dir as model_dir_lib
 from tests import helpers
 
@@ -123,7 +124,7 @@ def test_run_trains_evaluates_and_exports(reference):
   layout = jax.eval_shape(text_encoder.init, jax.random.PRNGKey(0), **text_encoder.example_inputs())["params"]
   assert jax.tree.structure(jax.tree.map(np.shape, nn.unbox(layout))) == jax.tree.structure(
       jax.tree.map(np.shape, text_params))
-  _, clip_params = clip_trainer.load_exported_clip(reference / "export")
+  _, clip_params = clip_weights.load_exported_clip(reference / "export")
   jax.tree.map(np.testing.assert_array_equal, text_params, clip_params["text_model"])
   ids = tokenizer(["a small red circle above a blue square", "a green star"])
   hidden = jax.jit(lambda p: text_encoder.apply({"params": p}, ids).last_hidden_state)(text_params)
@@ -152,8 +153,8 @@ def test_8_devices_match_1_device(reference, tmp_path):
   assert evals[0].keys() == evals[1].keys()
   for key in evals[0]:
     assert evals[0][key] == pytest.approx(evals[1][key], rel=1e-4), key
-  _, got_params = clip_trainer.load_exported_clip(tmp_path / "w" / "export")
-  _, want_params = clip_trainer.load_exported_clip(reference / "export")
+  _, got_params = clip_weights.load_exported_clip(tmp_path / "w" / "export")
+  _, want_params = clip_weights.load_exported_clip(reference / "export")
   # atol: directions whose gradient is analytically zero (attention key biases) get Adam updates of rounding noise
   # (about lr * noise / eps), which differ between meshes.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), got_params, want_params)
@@ -179,8 +180,8 @@ def test_lit_sigmoid_keeps_the_image_tower_bitwise(reference, tmp_path):
   assert all(np.isfinite(list(losses.values()))) and losses[STEPS] < losses[1]
   rows = [r for r in metrics.read_metrics(tmp_path) if "logit_bias" in r]
   assert rows and rows[0]["logit_bias"] == pytest.approx(-10.0, abs=0.1)  # SigLIP's init, one step later
-  _, before = clip_trainer.load_exported_clip(reference / "export")
-  _, after = clip_trainer.load_exported_clip(tmp_path / "export")
+  _, before = clip_weights.load_exported_clip(reference / "export")
+  _, after = clip_weights.load_exported_clip(tmp_path / "export")
   for key in clip_trainer.VISION_KEYS:
     jax.tree.map(np.testing.assert_array_equal, before[key], after[key])
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before["text_model"], after["text_model"]))

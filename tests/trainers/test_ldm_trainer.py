@@ -350,14 +350,14 @@ def test_training_from_precomputed_latents_matches_the_image_run(stages, referen
 
 
 def test_sample_pipeline_and_heldout_evaluation_of_the_export(stages, trained, reference, tmp_path):
-  """sd_jax.sample.Pipeline on the exported directory draws what the trainer's own sampler draws, and
+  """sd_jax.generate.TextToImage on the exported directory draws what the trainer's own sampler draws, and
   sd_jax.stages scores held-out prompts with the shapes evaluator and writes the labelled grid."""
   from sd_jax import images as images_lib
-  from sd_jax import sample as sample_lib
+  from sd_jax import generate as generate_lib
   from sd_jax import stages as stages_lib
   from sd_jax.eval import shapes_eval
   config, task = trained["config"], trained["task"]
-  pipe = sample_lib.Pipeline.from_workdir(reference)
+  pipe = generate_lib.TextToImage.from_workdir(reference)
   prompts = ["a red circle", "a small blue square"]
   s = config.sample
   got = pipe.generate(prompts, steps=s.num_steps, guidance=s.guidance_scale, seed=3)
@@ -370,7 +370,7 @@ def test_sample_pipeline_and_heldout_evaluation_of_the_export(stages, trained, r
   with pytest.raises(ValueError, match="--height=15: must be a positive multiple of 2"):
     pipe.generate(prompts, height=15)
   with pytest.raises(FileNotFoundError, match="has no export/"):
-    sample_lib.Pipeline.from_workdir(tmp_path)
+    generate_lib.TextToImage.from_workdir(tmp_path)
 
   evaluator, _ = shapes_eval.fit(shapes_eval.TrainConfig(steps=2, batch_size=4))
   # The trainer's own evaluation hook with an evaluator: the accuracy of its samples on both held-out splits.
