@@ -855,6 +855,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
+  from sd_jax import cli
   _define_flags()  # only here: importing sd_jax.bench (tests, trainer registration) defines no flags
-  app.run(main)
+  cli.run_app(main)  # app.run(main), with the --help and error format of every sd_jax command

@@ -46,7 +46,6 @@ sd_jax); use openai for imported OpenAI / OpenCLIP weights.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -59,8 +58,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from etils import epath
 
+from sd_jax import cli
 from sd_jax.data import input_pipeline
 from sd_jax.diffusion import samplers
 
@@ -455,80 +456,78 @@ def generate(pipe, prompts: Sequence[str], *, sampler: str, steps: int, guidance
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m sd_jax.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Draws one image per prompt of a dataset split with a trained or imported model and measures "
-      "FID / KID (Inception, with --inception_weights), fd_clip / kd_clip (a CLIP's image features), clip_score "
-      "and shapes_accuracy. Writes a JSON result and, with --workdir, a row of WORKDIR/metrics.jsonl.",
-      epilog="\n".join(__doc__.splitlines()[2:11]))
-  model = p.add_mutually_exclusive_group(required=True)
-  model.add_argument("--workdir", help="A finished ldm run: samples its export/; its config.json gives the dataset.")
-  model.add_argument("--pretrained", metavar="MODEL_DIR", help="An sd_jax model directory (python -m sd_jax.convert "
-                     "--from_diffusers DIR --out MODEL_DIR); give --dataset and/or --prompts_file.")
-  p.add_argument("--metrics", required=True, help=f"Comma-separated subset of {', '.join(METRICS)}.")
-  p.add_argument("--num_samples", type=int, default=1000, help="Images drawn, one per prompt (default: %(default)s).")
-  p.add_argument("--sampler", default="ddim", choices=samplers.SAMPLER_NAMES, help="Default: %(default)s.")
-  p.add_argument("--steps", type=int, default=50, help="Sampler steps (default: %(default)s).")
-  p.add_argument("--guidance", type=float, default=None,
-                 help="Classifier-free guidance scale (default: the run's sample.guidance_scale, else 7.5).")
-  p.add_argument("--eta", type=float, default=0.0, help="DDIM η (ddim only; default: %(default)s).")
-  p.add_argument("--seed", type=int, default=0, help="Sampling seed (default: %(default)s).")
-  p.add_argument("--batch_size", type=int, default=64,
-                 help="Images per compiled sampling call and per feature batch (default: %(default)s).")
-  p.add_argument("--split", default=None,
-                 help="Dataset split of the prompts and reference images (default: the dataset's eval_split, test); "
-                 "e.g. compositional (shapes pairs never seen in training).")
-  p.add_argument("--dataset", action="append", default=[], metavar="KEY=VALUE",
-                 help="A config.dataset key (sd_jax/data/input_pipeline.py), on top of the run's dataset; with --pretrained "
-                 "the dataset itself, e.g. --dataset name=shapes --dataset shapes_config=r32. Repeatable.")
-  p.add_argument("--prompts_file", metavar="FILE", help="Prompts, one per line, instead of the split's captions.")
-  p.add_argument("--num_reference", type=int, default=None,
-                 help="Real images of the split in the reference statistics (default: --num_samples).")
-  p.add_argument("--inception_weights", metavar="PATH",
-                 help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth: needed for fid and kid.")
-  p.add_argument("--clip", metavar="DIR", help="An sd_jax CLIP export (clip/, tokenizer/) for fd_clip, kd_clip and "
-                 "clip_score (default: the run's ldm.text_from when it is one).")
-  p.add_argument("--clip_normalization", default="sd_jax", choices=CLIP_NORMALIZATIONS,
-                 help="Image normalization of the CLIP: sd_jax (trained here; default) or openai (imported).")
-  p.add_argument("--shapes_evaluator", metavar="DIR",
-                 help="Shapes evaluator (python -m sd_jax.eval.shapes_eval --out DIR) for shapes_accuracy (default: "
-                 "the run's sample.shapes_evaluator, else the shared one beside the dataset if it exists).")
-  p.add_argument("--stats_cache", metavar="DIR", help="Reference statistics cache (default: ~/.cache/sd_jax/"
-                 "fid_stats, beside the datasets).")
-  p.add_argument("--kid_subsets", type=int, default=100, help="KID: number of subsets (default: %(default)s).")
-  p.add_argument("--kid_subset_size", type=int, default=1000, help="KID: subset size (default: %(default)s).")
-  p.add_argument("--out", metavar="FILE", help="The JSON result (default: WORKDIR/eval/<metrics>_<sampler>_<steps>"
-                 ".json, or MODEL_DIR/eval/... for --pretrained).")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                 help="Parameter dtype of the model (default: %(default)s).")
-  return p
+def _command() -> cli.Command:
+  """The command's flags, on a FlagValues of its own (sd_jax/cli.py: one per call)."""
+  cmd = cli.Command("python -m sd_jax.evaluate", __doc__)
+  fv = cmd.flags
+  flags.DEFINE_string("workdir", None, "A finished ldm run: samples its export/; its config.json gives the dataset.",
+                      flag_values=fv)
+  flags.DEFINE_string("pretrained", None, "An sd_jax model directory (python -m sd_jax.convert --from_diffusers DIR "
+                      "--out MODEL_DIR); give --dataset and/or --prompts_file.", flag_values=fv)
+  flags.DEFINE_string("metrics", None, f"Comma-separated subset of {', '.join(METRICS)}.", flag_values=fv)
+  flags.DEFINE_integer("num_samples", 1000, "Images drawn, one per prompt.", flag_values=fv)
+  cli.DEFINE_choice("sampler", "ddim", samplers.SAMPLER_NAMES, "The sampler.", flag_values=fv)
+  flags.DEFINE_integer("steps", 50, "Sampler steps.", flag_values=fv)
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the run's sample.guidance_scale, "
+                     "else 7.5).", flag_values=fv)
+  flags.DEFINE_float("eta", 0.0, "DDIM η (ddim only).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Images per compiled sampling call and per feature batch.", flag_values=fv)
+  flags.DEFINE_string("split", None, "Dataset split of the prompts and reference images (default: the dataset's "
+                      "eval_split, test); e.g. compositional (shapes pairs never seen in training).", flag_values=fv)
+  flags.DEFINE_multi_string("dataset", [], "KEY=VALUE: a config.dataset key (sd_jax/data/input_pipeline.py), on top "
+                            "of the run's dataset; with --pretrained the dataset itself, e.g. --dataset name=shapes "
+                            "--dataset shapes_config=r32", flag_values=fv)
+  flags.DEFINE_string("prompts_file", None, "Prompts, one per line, instead of the split's captions.", flag_values=fv)
+  flags.DEFINE_integer("num_reference", None, "Real images of the split in the reference statistics (default: "
+                       "--num_samples).", flag_values=fv)
+  flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth: needed for "
+                      "fid and kid.", flag_values=fv)
+  flags.DEFINE_string("clip", None, "An sd_jax CLIP export (clip/, tokenizer/) for fd_clip, kd_clip and clip_score "
+                      "(default: the run's ldm.text_from when it is one).", flag_values=fv)
+  cli.DEFINE_choice("clip_normalization", "sd_jax", CLIP_NORMALIZATIONS, "Image normalization of the CLIP: sd_jax "
+                    "(trained here) or openai (imported).", flag_values=fv)
+  flags.DEFINE_string("shapes_evaluator", None, "Shapes evaluator (python -m sd_jax.eval.shapes_eval --out DIR) for "
+                      "shapes_accuracy (default: the run's sample.shapes_evaluator, else the shared one beside the "
+                      "dataset if it exists).", flag_values=fv)
+  flags.DEFINE_string("stats_cache", None, "Reference statistics cache (default: ~/.cache/sd_jax/fid_stats, beside "
+                      "the datasets).", flag_values=fv)
+  flags.DEFINE_integer("kid_subsets", 100, "KID: number of subsets.", flag_values=fv)
+  flags.DEFINE_integer("kid_subset_size", 1000, "KID: subset size.", flag_values=fv)
+  flags.DEFINE_string("out", None, "The JSON result (default: WORKDIR/eval/<metrics>_<sampler>_<steps>.json, or "
+                      "MODEL_DIR/eval/... for --pretrained).", flag_values=fv)
+  cli.DEFINE_choice("dtype", "float32", ("float32", "bfloat16", "float16"), "Parameter dtype of the model.",
+                    flag_values=fv)
+  cmd.one_of("workdir", "pretrained", required=True)
+  cmd.require("metrics")
+  return cmd
 
 
-def _check_flags(args, parser: argparse.ArgumentParser) -> tuple[str, ...]:
+def _check_flags(args, cmd: cli.Command) -> tuple[str, ...]:
+  """The metrics --metrics names; exits via `cmd.error` (status 2) on flag values the command cannot use."""
   try:
     metrics = parse_metrics(args.metrics)
   except ValueError as e:
-    parser.error(str(e))
+    cmd.error(str(e))
   for flag in ("num_samples", "steps", "batch_size", "num_reference", "kid_subsets"):
     value = getattr(args, flag)
     if value is not None and value < 1:
-      parser.error(f"--{flag}={value}: must be >= 1.")
+      cmd.error(f"--{flag}={value}: must be >= 1.")
   if args.kid_subset_size < 2:
-    parser.error(f"--kid_subset_size={args.kid_subset_size}: must be >= 2.")
+    cmd.error(f"--kid_subset_size={args.kid_subset_size}: must be >= 2.")
   if any(m in FD_METRICS or m in KD_METRICS for m in metrics) and args.num_samples < 2:
-    parser.error(f"--num_samples={args.num_samples}: a Fréchet / kernel distance needs at least 2 images.")
+    cmd.error(f"--num_samples={args.num_samples}: a Fréchet / kernel distance needs at least 2 images.")
   inception = [m for m in metrics if FD_METRICS.get(m) == "inception" or KD_METRICS.get(m) == "inception"]
   if inception and not args.inception_weights:
-    parser.error(f"--metrics {','.join(inception)}: FID and KID need the Inception weights: pass --inception_weights "
-                 "PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth), or ask for fd_clip / kd_clip instead "
-                 "(the same distances on CLIP image features, reported under their own names, never as FID).")
+    cmd.error(f"--metrics {','.join(inception)}: FID and KID need the Inception weights: pass --inception_weights "
+              "PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth), or ask for fd_clip / kd_clip instead "
+              "(the same distances on CLIP image features, reported under their own names, never as FID).")
   if args.pretrained and not args.dataset and not args.prompts_file:
-    parser.error("--pretrained: say where the prompts come from: --dataset KEY=VALUE (e.g. --dataset name=shapes) "
-                 "and/or --prompts_file FILE.")
+    cmd.error("--pretrained: say where the prompts come from: --dataset KEY=VALUE (e.g. --dataset name=shapes) "
+              "and/or --prompts_file FILE.")
   if args.eta < 0 or (args.eta != 0 and args.sampler != "ddim"):
-    parser.error(f"--eta={args.eta} with --sampler={args.sampler}: η is DDIM's noise level, >= 0 and only for "
-                 "--sampler=ddim.")
+    cmd.error(f"--eta={args.eta} with --sampler={args.sampler}: η is DDIM's noise level, >= 0 and only for "
+              "--sampler=ddim.")
   return metrics
 
 
@@ -556,7 +555,8 @@ def _default_shapes_evaluator(run: RunInfo | None) -> str | None:
 
 
 def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[str, Any]:
-  """Everything after the flags are checked; returns the JSON result (also written to disk)."""
+  """Everything after the flags are checked; returns the JSON result (also written to disk). `args`: the parsed
+  flags (`_command().parse(argv)`, read as attributes named after the flags); `argv`: the command line, recorded."""
   from sd_jax import generate as generate_lib  # pylint: disable=import-outside-toplevel
   start = time.time()
   run = read_run(args.workdir) if args.workdir else None
@@ -668,10 +668,12 @@ def default_stats_cache() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = _parser()
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
-  metrics = _check_flags(args, parser)
+  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad
+  flags, 1 on bad inputs (a missing run, a split too small, ...)."""
+  cmd = _command()
+  argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+  args = cmd.parse(argv)
+  metrics = _check_flags(args, cmd)
   try:
     run_evaluation(args, metrics, argv)
   except (CommandError, ValueError, FileNotFoundError) as e:

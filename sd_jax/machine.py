@@ -5,7 +5,7 @@ Two 2-core CPUs can differ twice over in what they do per second (RESULTS.md: th
 `cpu_description()` (model, family, vector extensions, clock) and `reference_gflops()` (a fixed float32 3×3
 convolution, the demo U-Net's most common op, timed for about a second) beside it, it can be compared.
 
-  python -m sd_jax.machine      # prints both
+  python -m sd_jax.machine [--seconds 1.0]     # prints both
 
 It also chooses how many JAX CPU devices a CPU run should have (`auto_cpu_devices`): XLA runs each CPU device's
 program on its own thread, and on 2 cores two data-parallel replicas of half the batch each keep both cores busier
@@ -20,7 +20,9 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 
 # Vector extensions worth naming (XLA's CPU kernels use the widest the CPU has).
 _ISA = ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma", "avx", "sse4_2", "asimd", "sve")
@@ -139,6 +141,21 @@ def describe(seconds: float = 1.0) -> dict[str, object]:
           "device_count": jax.device_count(), "reference_conv_gflops": round(reference_gflops(seconds), 1)}
 
 
-if __name__ == "__main__":
-  for key, value in describe().items():
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m sd_jax.machine`: prints `describe()`, one `key: value` line each (argv: its flags, without the
+  program name; default sys.argv[1:]). Exits 2 on bad flags."""
+  from absl import flags
+  from sd_jax import cli
+  cmd = cli.Command("python -m sd_jax.machine", __doc__)
+  flags.DEFINE_float("seconds", 1.0, "How long the reference convolution is timed, after compiling.",
+                     flag_values=cmd.flags)
+  args = cmd.parse(argv)
+  if not args.seconds > 0:
+    cmd.error(f"--seconds={args.seconds}: must be > 0.")
+  for key, value in describe(args.seconds).items():
     print(f"{key}: {value}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

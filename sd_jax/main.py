@@ -122,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from sd_jax import cli
+  cli.run_app(main)  # app.run(main), with the --help and error format of every sd_jax command

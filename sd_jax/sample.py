@@ -16,7 +16,6 @@ The library behind it is sd_jax/generate.py (`TextToImage`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -25,8 +24,10 @@ import time
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 from etils import epath
 
+from sd_jax import cli
 from sd_jax import generate
 from sd_jax import images as images_lib
 from sd_jax.weights import store
@@ -45,65 +46,64 @@ class CommandError(Exception):
   """A problem with the command's inputs: printed as `error: ...`, exit status 1."""
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m sd_jax.sample",
-      description="Text-to-image (and img2img) with a trained sd_jax workdir or an sd_jax model directory. Writes "
-      "OUT/NNNN_<prompt>.png per image, OUT/grid.png (images under their prompts) and OUT/settings.json.")
-  model = p.add_mutually_exclusive_group(required=True)
-  model.add_argument("--workdir", metavar="DIR",
-                     help="A finished ldm run: samples its export/ (EMA U-Net, VAE, text tower).")
-  model.add_argument("--pretrained", metavar="MODEL_DIR",
-                     help="An sd_jax model directory (from `python -m sd_jax.convert --from_diffusers DIR --out "
-                     "MODEL_DIR`).")
-  text = p.add_mutually_exclusive_group(required=True)
-  text.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="One or more prompts.")
-  text.add_argument("--prompts_file", metavar="FILE",
-                    help="A text file with one prompt per line (blank lines are skipped).")
-  p.add_argument("--negative_prompt", default="", metavar="TEXT",
-                 help="What guidance steers away from (default: \"\").")
-  p.add_argument("--num_images", type=int, default=1, metavar="N", help="Images per prompt (default: %(default)s).")
-  p.add_argument("--steps", type=int, default=50, metavar="K", help="Sampler steps (default: %(default)s).")
-  p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES, metavar="S",
-                 help=f"{', '.join(SAMPLER_NAMES)}: the update rule; the schedule (spacing, prediction type) comes "
-                 "from the model's scheduler config (default: %(default)s).")
-  p.add_argument("--guidance", type=float, default=7.5, metavar="G",
-                 help="Classifier-free guidance scale (default: %(default)s).")
-  p.add_argument("--guidance_rescale", type=float, default=0.0, metavar="PHI",
-                 help="Guidance rescale φ in [0, 1], Lin et al. 2023 (default: %(default)s = off).")
-  p.add_argument("--eta", type=float, default=0.0, help="DDIM η (ddim only; default: %(default)s).")
-  p.add_argument("--seed", type=int, default=0, metavar="N", help="Random seed (default: %(default)s).")
-  p.add_argument("--height", type=int, metavar="PX",
-                 help="Image height in pixels (default: the model's, or the init image's).")
-  p.add_argument("--width", type=int, metavar="PX",
-                 help="Image width in pixels (default: the model's, or the init image's).")
-  p.add_argument("--batch_size", type=int, metavar="N", help="Images per compiled call (default: all at once).")
-  p.add_argument("--init_image", metavar="PATH",
-                 help="img2img: the image to start from (resized to --height/--width when they are given).")
-  p.add_argument("--strength", type=float, metavar="S",
-                 help=f"img2img: fraction of the schedule run, in (0, 1] (default: {DEFAULT_STRENGTH}).")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                 help="Compute dtype of the networks (default: %(default)s).")
-  p.add_argument("--out", required=True, metavar="DIR", help="Output directory (created; files are overwritten).")
-  return p
+def _command() -> cli.Command:
+  """The command's flags, on a FlagValues of its own (sd_jax/cli.py: one per call)."""
+  cmd = cli.Command("python -m sd_jax.sample", __doc__)
+  fv = cmd.flags
+  flags.DEFINE_string("workdir", None, "A finished ldm run: samples its export/ (EMA U-Net, VAE, text tower).",
+                      flag_values=fv)
+  flags.DEFINE_string("pretrained", None, "An sd_jax model directory (from `python -m sd_jax.convert "
+                      "--from_diffusers DIR --out MODEL_DIR`).", flag_values=fv)
+  flags.DEFINE_multi_string("prompt", None, "One or more prompts: --prompt A B, or --prompt A --prompt B",
+                            flag_values=fv)
+  flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines are skipped).",
+                      flag_values=fv)
+  flags.DEFINE_string("negative_prompt", "", "What guidance steers away from.", flag_values=fv)
+  flags.DEFINE_integer("num_images", 1, "Images per prompt.", flag_values=fv)
+  flags.DEFINE_integer("steps", 50, "Sampler steps.", flag_values=fv)
+  cli.DEFINE_choice("sampler", DEFAULT_SAMPLER, SAMPLER_NAMES, "The update rule; the schedule (spacing, prediction "
+                    "type) comes from the model's scheduler config.", flag_values=fv)
+  flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale.", flag_values=fv)
+  flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale φ in [0, 1], Lin et al. 2023 (0 = off).",
+                     flag_values=fv)
+  flags.DEFINE_float("eta", 0.0, "DDIM η (ddim only).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+  flags.DEFINE_integer("height", None, "Image height in pixels (default: the model's, or the init image's).",
+                       flag_values=fv)
+  flags.DEFINE_integer("width", None, "Image width in pixels (default: the model's, or the init image's).",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: all at once).", flag_values=fv)
+  flags.DEFINE_string("init_image", None, "img2img: the image to start from (resized to --height/--width when they "
+                      "are given).", flag_values=fv)
+  flags.DEFINE_float("strength", None, f"img2img: fraction of the schedule run, in (0, 1] (default: "
+                     f"{DEFAULT_STRENGTH}).", flag_values=fv)
+  cli.DEFINE_choice("dtype", "float32", ("float32", "bfloat16", "float16"), "Compute dtype of the networks.",
+                    flag_values=fv)
+  flags.DEFINE_string("out", None, "Output directory (created; files are overwritten).", flag_values=fv)
+  cmd.one_of("workdir", "pretrained", required=True)
+  cmd.several_values("prompt")
+  cmd.one_of("prompt", "prompts_file", required=True)
+  cmd.require("out")
+  return cmd
 
 
-def _check_flags(args, parser: argparse.ArgumentParser) -> None:
+def _check_flags(args, cmd: cli.Command) -> None:
+  """Exits via `cmd.error` (status 2) on flag values the command cannot use."""
   positive = {"--num_images": args.num_images, "--steps": args.steps, "--batch_size": args.batch_size,
               "--height": args.height, "--width": args.width}
   for flag, value in positive.items():
     if value is not None and value < 1:
-      parser.error(f"{flag}={value}: must be >= 1.")
+      cmd.error(f"{flag}={value}: must be >= 1.")
   if args.strength is not None:
     if args.init_image is None:
-      parser.error("--strength is an img2img setting: give --init_image too.")
+      cmd.error("--strength is an img2img setting: give --init_image too.")
     if not 0.0 < args.strength <= 1.0:
-      parser.error(f"--strength={args.strength}: must be in (0, 1] (the fraction of the schedule run).")
+      cmd.error(f"--strength={args.strength}: must be in (0, 1] (the fraction of the schedule run).")
   if not 0.0 <= args.guidance_rescale <= 1.0:
-    parser.error(f"--guidance_rescale={args.guidance_rescale}: must be in [0, 1].")
+    cmd.error(f"--guidance_rescale={args.guidance_rescale}: must be in [0, 1].")
   if args.eta < 0 or (args.eta != 0 and args.sampler != "ddim"):
-    parser.error(f"--eta={args.eta} with --sampler={args.sampler}: η is DDIM's noise level, >= 0 and only for "
-                 "--sampler=ddim.")
+    cmd.error(f"--eta={args.eta} with --sampler={args.sampler}: η is DDIM's noise level, >= 0 and only for "
+              "--sampler=ddim.")
 
 
 def _read_prompts(args) -> list[str]:
@@ -169,9 +169,11 @@ def slug(text: str, max_chars: int = 48) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = _parser()
-  args = parser.parse_args(argv)
-  _check_flags(args, parser)
+  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad
+  flags, 1 on bad inputs (a missing model, an empty prompts file, ...)."""
+  cmd = _command()
+  args = cmd.parse(argv)
+  _check_flags(args, cmd)
   try:
     prompts = _read_prompts(args)
     pipe = _load_pipeline(args)

@@ -203,26 +203,36 @@ def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
   (workdir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def _command():
+  """The command's flags, on a FlagValues of its own (sd_jax/cli.py: one per call)."""
+  from absl import flags
+  from sd_jax import cli
+  cmd = cli.Command("python -m sd_jax.stages", __doc__)
+  fv = cmd.flags
+  cli.DEFINE_choice("preset", "demo", PRESETS, "config variant of every stage", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "holds vae/, clip/, ldm/ and the summary", flag_values=fv)
+  flags.DEFINE_string("evaluator_dir", None, "shapes evaluator cache (trained here if absent)", flag_values=fv)
+  flags.DEFINE_integer("evaluator_steps", None, "evaluator training steps (default 1500)", flag_values=fv)
+  flags.DEFINE_integer("num_prompts", None, "held-out prompts per split (default: 100 demo, 500 full, 8 runlocal)",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps", 25, "DDIM steps", flag_values=fv)
+  flags.DEFINE_float("guidance", 4.0, "classifier-free guidance scale", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the held-out sampling", flag_values=fv)
+  flags.DEFINE_integer("cpu_devices", None, "JAX CPU devices (data-parallel replicas) on a machine without an "
+                       "accelerator; default: one per core, at most 8, dividing every stage's batch size, unless "
+                       "JAX_NUM_CPU_DEVICES or XLA_FLAGS already sets a count. Ignored where JAX has an accelerator.",
+                       flag_values=fv)
+  flags.DEFINE_multi_string("stage_override", [], "STAGE:--config.KEY=VALUE: an extra flag for one stage's command, "
+                            "e.g. ldm:--config.total_steps=100", flag_values=fv)
+  cmd.require("workdir")
+  return cmd
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m sd_jax.stages", description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--preset", choices=PRESETS, default="demo", help="config variant of every stage")
-  parser.add_argument("--workdir", required=True, help="holds vae/, clip/, ldm/ and the summary")
-  parser.add_argument("--evaluator_dir", default=None, help="shapes evaluator cache (trained here if absent)")
-  parser.add_argument("--evaluator_steps", type=int, default=None, help="evaluator training steps (default 1500)")
-  parser.add_argument("--num_prompts", type=int, default=None,
-                      help="held-out prompts per split (default: 100 demo, 500 full, 8 runlocal)")
-  parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-  parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--cpu_devices", type=int, default=None,
-                      help="JAX CPU devices (data-parallel replicas) on a machine without an accelerator; default: "
-                           "one per core, at most 8, dividing every stage's batch size, unless JAX_NUM_CPU_DEVICES "
-                           "or XLA_FLAGS already sets a count. Ignored where JAX has an accelerator.")
-  parser.add_argument("--stage_override", action="append", default=[], metavar="STAGE:--config.KEY=VALUE",
-                      help="an extra flag for one stage's command, e.g. ldm:--config.total_steps=100")
-  args = parser.parse_args(argv)
+  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad
+  flags, with a message when a stage fails."""
+  cmd = _command()
+  args = cmd.parse(argv)
 
   workdir = Path(args.workdir).expanduser().resolve()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for item in args.stage_override:
     stage, _, flag = item.partition(":")
     if stage not in STAGES or not flag.startswith("--"):
-      parser.error(f"--stage_override={item!r}: use STAGE:--config.KEY=VALUE with STAGE one of {STAGES}.")
+      cmd.error(f"--stage_override={item!r}: use STAGE:--config.KEY=VALUE with STAGE one of {STAGES}.")
     overrides[stage].append(flag)
   num_prompts = args.num_prompts or {"demo": 100, "full": 500, "runlocal": 8}[args.preset]
 

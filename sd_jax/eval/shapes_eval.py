@@ -51,6 +51,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
@@ -727,12 +728,15 @@ def train_evaluator(
   return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m sd_jax.eval.shapes_eval --out DIR [--resolution 32] [--steps N] ...`: trains, prints the report."""
-  import sys
-  from absl import flags  # a private FlagValues: importing this module defines no global flags
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m sd_jax.eval.shapes_eval --out DIR [--resolution 32] [--steps N] ...`: trains, prints the report
+  (argv: the flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad flags, 1 when
+  training cannot start (an evaluator already in --out without --overwrite, a bad resolution)."""
+  from absl import flags
+  from sd_jax import cli
 
-  fv = flags.FlagValues()
+  cmd = cli.Command("python -m sd_jax.eval.shapes_eval", __doc__)
+  fv = cmd.flags
   flags.DEFINE_string("out", None, "Directory for the evaluator weights and report.json.", flag_values=fv)
   flags.DEFINE_integer("resolution", 32, "Image side the evaluator reads (a multiple of 16).", flag_values=fv)
   flags.DEFINE_integer("steps", TrainConfig.steps, "Training steps.", flag_values=fv)
@@ -740,17 +744,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   flags.DEFINE_integer("seed", 0, "Seed of rendering, init and augmentation.", flag_values=fv)
   flags.DEFINE_integer("eval_examples", 1000, "Real images per split in the report.", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "Replace an evaluator already in --out.", flag_values=fv)
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    rest = fv(argv)
-    if len(rest) > 1:
-      raise flags.Error(f"unexpected arguments {rest[1:]}")
-    if not fv.out:
-      raise flags.Error("--out is required")
-  except flags.Error as e:
-    print(f"error: {e}\nusage: python -m sd_jax.eval.shapes_eval --out DIR [--resolution 32] [--steps N] "
-          "[--batch_size B] [--seed S] [--eval_examples N] [--overwrite]", file=sys.stderr)
-    raise SystemExit(2) from None
+  cmd.require("out")
+  cmd.parse(argv)
   try:
     report = train_evaluator(fv.out, resolution=fv.resolution, steps=fv.steps, batch_size=fv.batch_size,
                              seed=fv.seed, eval_examples=fv.eval_examples, overwrite=fv.overwrite,
@@ -760,7 +755,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(1) from None
   print(report.summary())
   print(f"wrote {os.path.join(fv.out, COMPONENT)} and {os.path.join(fv.out, REPORT_FILE)}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

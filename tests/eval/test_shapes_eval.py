@@ -158,7 +158,7 @@ def test_breakdown_locates_the_misses():
 
 def test_command_line_writes_weights_and_report(tmp_path, capsys):
   out = tmp_path / "ev"
-  se.main(["shapes_eval", "--out", str(out), "--steps", "3", "--batch_size", "8", "--eval_examples", "8"])
+  se.main(["--out", str(out), "--steps", "3", "--batch_size", "8", "--eval_examples", "8"])
   printed = capsys.readouterr().out
   assert "r32 test" in printed and "r64 compositional" in printed
   report = json.loads((out / se.REPORT_FILE).read_text())
@@ -168,7 +168,7 @@ def test_command_line_writes_weights_and_report(tmp_path, capsys):
       assert set(report["real"][res][split]) >= {"prompt_accuracy", "mismatch_rejection", "exact_set_accuracy"}
   assert se.load_evaluator(out).resolution == 32
   with pytest.raises(SystemExit):  # refuses to replace it without --overwrite
-    se.main(["shapes_eval", "--out", str(out), "--steps", "3", "--batch_size", "8", "--eval_examples", "8"])
+    se.main(["--out", str(out), "--steps", "3", "--batch_size", "8", "--eval_examples", "8"])
   with pytest.raises(SystemExit):
-    se.main(["shapes_eval", "--steps", "3"])
+    se.main(["--steps", "3"])
   assert "--out is required" in capsys.readouterr().err
