@@ -89,6 +89,7 @@ def get_config(arg=None):
   # Stable Diffusion's scheduler (runwayml/stable-diffusion-v1-5 scheduler_config.json) for sample grids and the bench.
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(), num_prompts=8, images_per_prompt=2,
+      sampler="ddim",
       num_steps=50,
       guidance_scale=7.5,
       eta=0.0,

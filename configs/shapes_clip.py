@@ -85,12 +85,12 @@ def get_config(arg=None):
   ))
 
   if arg.demo:
-    # About a minute on a 2-core CPU: the full model, a twelfth of the steps (colours and retrieval are learned,
-    # shape kinds not yet: zero-shot kind accuracy is at chance). The demo's U-Net reads the text tower's
-    # second-to-last layer (configs/shapes_ldm.py: ldm.clip_skip=1), which still tells the kind words apart where
-    # the last layer no longer does (RESULTS.md, session 8): the demo's minutes go to the U-Net instead. 200 steps
+    # About a minute on a 2-core CPU: the full model, a twelfth of the steps (colours and retrieval are learned, shape
+    # kinds not yet: zero-shot kind accuracy is at chance). The demo's U-Net reads the text tower's second-to-last layer
+    # (configs/shapes_ldm.py: ldm.clip_skip=1), which still tells the kind words apart where the last layer no longer
+    # does (RESULTS.md, "What the demo preset was chosen from"): the demo's minutes go to the U-Net instead. 200 steps
     # rather than 400 did not hurt the U-Net trained on it (held-out test 0.41 against 0.32 at 2,000 LDM steps,
-    # RESULTS.md, session 9) and saves about 45 s.
+    # RESULTS.md, "What the demo preset was chosen from") and saves about 45 s.
     c.total_steps = 200
     c.eval_every_steps = 200
     c.save_every_steps = 100

@@ -47,7 +47,10 @@ def get_config(arg=None):
       offset_noise=0.0,
       zero_terminal_snr=False,
   ))
-  c.sample = ml_collections.ConfigDict(dict(num_images=16, num_steps=250))
+  # Sample grids: diffusers' DDPMScheduler (ancestral, β̃ variance) with "leading" spacing from t = T - T/n, the
+  # predicted x0 clipped to the data range [-1, 1].
+  c.sample = ml_collections.ConfigDict(dict(num_images=16, num_steps=250, sampler="ddpm", timestep_spacing="leading",
+                                            steps_offset=0, clip_sample=True))
 
   if arg.demo:
     # A few minutes on a 2-core CPU: a lighter U-Net (one resnet per level) and a short run.

@@ -46,7 +46,7 @@ def get_config(arg=None):
   # Sized for the quality bar on a 2-core CPU (README: python -m sd_jax.stages --preset=full): 5,000 steps of 32
   # (8×8×4 latents, 160k examples seen) with one resnet per U-Net level (layers_per_block below), 17.6 GFLOP
   # per step with precomputed latents (XLA cost analysis, text tower included). Measured end to end (RESULTS.md,
-  # session 7): held-out test accuracy 0.960 in 55.6 minutes for all three stages.
+  # "The full presets", run of 2026-11-23): held-out test accuracy 0.960 in 55.6 minutes for all three stages.
   c.batch_size = 32
   c.total_steps = 5_000
   c.log_every_steps = 50
@@ -90,7 +90,8 @@ def get_config(arg=None):
       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
       # One resnet (+ transformer) per level: 1.5× the steps per second of 2 on a 2-core CPU, and about as good per step
-      # on the shapes run (in-training accuracy 0.50 against 0.48 at step 2,000; RESULTS.md, session 7).
+      # on the shapes run (in-training accuracy 0.50 against 0.48 at step 2,000; RESULTS.md, "What the full presets were
+      # chosen from").
       layers_per_block=1, attention_head_dim=4, norm_num_groups=32))
   _derive_from_frozen(c.model)
 
@@ -99,7 +100,7 @@ def get_config(arg=None):
       num_train_timesteps=1000,
       beta_start=0.00085,
       beta_end=0.012,
-      prediction_type="v_prediction",  # epsilon | v_prediction (v: the fastest learner of the issue-6 ablation)
+      prediction_type="v_prediction",  # epsilon | v_prediction (v: the objective ablation's fastest learner)
       # 0 = off; 5 is the paper's value. On: measured on the full shapes run (with lr 1e-3 against 5e-4), the
       # shapes accuracy of step 1000 without it was reached by step 500 (RESULTS.md).
       min_snr_gamma=5.0,
@@ -113,7 +114,9 @@ def get_config(arg=None):
       prompts=(),               # sample-grid prompts; () = the first num_prompts captions of the held-out split
       num_prompts=8,
       images_per_prompt=2,
-      num_steps=25,             # DDIM steps
+      sampler="ddim",           # the grids' update rule (sd_jax/diffusion/samplers.py SAMPLER_NAMES); the export's
+                                # scheduler_config.json names it, so `python -m sd_jax.sample` defaults to the same
+      num_steps=25,             # sampler steps
       guidance_scale=4.0,       # classifier-free guidance s: uncond + s (cond - uncond)
       eta=0.0,                  # DDIM η; 0 = deterministic
       timestep_spacing="trailing",  # leading | trailing | linspace
@@ -133,11 +136,11 @@ def get_config(arg=None):
     c.diffusion.prediction_type = "epsilon"
   if arg.demo:
     # Minutes on a 2-core CPU: a two-level U-Net and a short run, trained on precomputed latents (sd_jax.stages sets
-    # ldm.precompute_dir): 147 images/s at batch 32 against 101 at batch 16 encoding every batch (RESULTS.md,
-    # session 8). One evaluation (the loss), at the end. Cross-attention only in the 8x8 down block: the up path's
-    # 8x8 transformers took 31 % of a step, and without them a step is 1.45x cheaper, which buys the steps that
-    # matter: held-out test accuracy rises sharply between 1,600 and 2,800 steps (RESULTS.md, session 9: 0.22 at
-    # 1,600 steps with the old up path, 0.705 at 2,800 without it).
+    # ldm.precompute_dir): 147 images/s at batch 32 against 101 at batch 16 encoding every batch (RESULTS.md, "What the
+    # demo preset was chosen from"). One evaluation (the loss), at the end. Cross-attention only in the 8x8 down block:
+    # the up path's 8x8 transformers took 31 % of a step, and without them a step is 1.45x cheaper, which buys the steps
+    # that matter: held-out test accuracy rises sharply between 1,600 and 2,800 steps (RESULTS.md, demo preset choice:
+    # 0.22 at 1,600 steps with the old up path, 0.705 at 2,800 without it).
     c.model.block_out_channels = (64, 128)
     c.model.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
     c.model.up_block_types = ("UpBlock2D", "UpBlock2D")
@@ -152,8 +155,9 @@ def get_config(arg=None):
     c.optim.lr = 2e-3            # at 1,700 × 32 with clip_skip 1: held-out test 0.28 and 0.21 (2 seeds), 0.18 at 1e-3
     c.optim.warmup_steps = 100
     # The demo CLIP (200 steps) has learned colours but not kinds (zero-shot kind accuracy at chance), and its last
-    # layer carries little of the kind words: reading the layer below doubled held-out test accuracy at 1,900 × 32
-    # steps (0.13 -> 0.24; a random text tower: 0.14; the full CLIP's last layer: 0.26; RESULTS.md, session 8).
+    # layer carries little of the kind words: reading the layer below doubled held-out test accuracy at 1,900 × 32 steps
+    # (0.13 -> 0.24; a random text tower: 0.14; the full CLIP's last layer: 0.26; RESULTS.md, "What the demo preset was
+    # chosen from").
     c.ldm.clip_skip = 1
     c.ema_decay = 0.995
     c.sample.num_steps = 25

@@ -33,8 +33,9 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.trainer = "vae"
   c.batch_size = 32
-  # 1,000 steps with L1 + 10·L2 (losses below): 33.9 dB on `test` (RESULTS.md, session 7), where L1 alone had
-  # 29.6 dB at 1,000 steps and 31.0 dB at 1,500. The steps saved go to the LDM stage of `sd_jax.stages --preset=full`.
+  # 1,000 steps with L1 + 10·L2 (losses below): 33.9 dB on `test` (RESULTS.md, "The full presets", run of 2026-11-23),
+  # where L1 alone had 29.6 dB at 1,000 steps and 31.0 dB at 1,500. The steps saved go to the LDM stage of
+  # `sd_jax.stages --preset=full`.
   c.total_steps = 1_000
   c.log_every_steps = 50
   c.eval_every_steps = 500
@@ -63,8 +64,9 @@ def get_config(arg=None):
 
   c.losses = ml_collections.ConfigDict(dict(
       l1_weight=1.0,            # mean |x - x̂| (LDM: L1)
-      # mean (x - x̂)². PSNR is an L2 measure: adding 10·L2 to L1 lifted `test` PSNR at 1,000 steps from 29.6 to
-      # 33.9 dB, and the demo's at 400 × 16 steps from 20.6 to 27.7 dB (RESULTS.md, session 7). runlocal: L1 alone.
+      # mean (x - x̂)². PSNR is an L2 measure: adding 10·L2 to L1 lifted `test` PSNR at 1,000 steps from 29.6 to 33.9
+      # dB, and the demo's at 400 × 16 steps from 20.6 to 27.7 dB (RESULTS.md, "What the full presets were chosen
+      # from"). runlocal: L1 alone.
       l2_weight=10.0,
       kl_weight=1e-6,           # on the KL summed over the latent / pixels per image: SD kl-f8's meaning
       perceptual_weight=1.0,    # LPIPS, used only with perceptual_path

@@ -39,7 +39,7 @@ SWEEP = Sweep(
         "ldm.text_from": os.path.join(_STAGES, "clip", "export"),
         "ldm.precompute_dir": os.path.join(_STAGES, "ldm_latents"),
         "ldm.train_text_encoder": False,  # the frozen tower the committed results were measured with
-        "model.layers_per_block": 2,      # and the U-Net depth (the full preset has 1 since session 7)
+        "model.layers_per_block": 2,      # and the U-Net depth (the full preset has had 1 since commit 27b7433)
         "sample.shapes_evaluator": _EVALUATOR,
         "sample.shapes_eval_prompts": 128,
         "total_steps": 600,

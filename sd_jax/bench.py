@@ -6,8 +6,9 @@ Modes:
                  `train.setup` and jitted with the loop's shardings and donation) on synthetic batches of the right
                  shapes. For ldm configs the batch is precomputed latents + text contexts (`LatentUNetTask`), so
                  only the U-Net runs, as in a training run that serves precomputed latents.
-  --mode=sample  times the jitted DDIM loop (sd_jax/diffusion/ddim.py, classifier-free guidance when the U-Net
-                 has cross-attention) plus the VAE decode, at each of --sample_batch_sizes.
+  --mode=sample  times the jitted sampling loop (sd_jax/diffusion/samplers.py with the config's sampler settings,
+                 `config_from_training`; classifier-free guidance when the U-Net has cross-attention) plus the VAE
+                 decode, at each of --sample_batch_sizes.
   --aot          compiles the train step for meshes of fake CPU devices without running it (one subprocess per
                  mesh, XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports per-device memory, FLOPs
                  and collective bytes.
@@ -57,12 +58,12 @@ from flax import linen as nn
 from sd_jax import flops as flops_lib
 from sd_jax import parallel
 from sd_jax import train as train_lib
-from sd_jax.diffusion import ddim
 from sd_jax.diffusion import losses
+from sd_jax.diffusion import samplers
 from sd_jax.diffusion import schedules
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
-from sd_jax.trainers import ddpm
+from sd_jax.trainers import base
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -106,21 +107,19 @@ def peak_for(device_kind: str) -> tuple[str, float | None]:
 # The U-Net task on precomputed latents
 
 
-_DRAWS = ("latent", "caption_drop", "timestep", "noise")
-
-
-class LatentUNetTask:
+class LatentUNetTask(base.Task):
   """The ldm trainer's U-Net step on precomputed batches, without the frozen VAE and text tower.
 
   Batch: {"latent_mean", "latent_logvar": [B, h, w, c], "context": [B, L, D]} (sd_jax/data/precomputed.py's
-  layout). Per example, from its own key: z ~ N(mean, exp(logvar)), latents = z · scaling_factor; with probability
-  ldm.caption_dropout the empty prompt's context (a frozen input, like the ldm trainer's encoded empty prompt);
-  t ~ U{0..T-1}; ε; loss = (min-SNR weighted) MSE of U-Net(x_t, t, context) against ε or v. The same
-  sd_jax.diffusion functions as sd_jax/trainers/ldm.py, so the U-Net step costs what a precomputed ldm run's does.
+  layout). The loss is the ldm trainer's own, sd_jax/diffusion/losses.py `latent_diffusion_loss` (per example, from
+  its own key: a posterior sample scaled by the VAE config's scaling and shift factors; with probability
+  ldm.caption_dropout the empty prompt's context, a frozen input like the ldm trainer's encoded empty prompt; t, ε
+  with offset noise; the U-Net with dropout when config.model.dropout > 0; min-SNR weighting), so the U-Net step
+  costs what a precomputed ldm run's does.
   """
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     fields = config.model.to_dict()
     derived = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
     missing = [k for k in derived if fields.get(k) is None]
@@ -130,12 +129,13 @@ class LatentUNetTask:
     self.model = unet_lib.create_unet(fields)
     if not self.model.has_cross_attention:
       raise ValueError("config.model has no cross-attention block: the latent U-Net task attends to a text context.")
-    self.schedule = ddpm.make_schedule(config.diffusion)
+    self.schedule = schedules.schedule_from_config(config.diffusion)
     self.context_length = config.dataset.max_text_len
     self.context_dim = self.model.example_inputs(1, 1)["encoder_hidden_states"].shape[-1]
     size = self.model.sample_size
     self.latent_hw = (size, size) if isinstance(size, int) else tuple(size)
-    self.scaling_factor = vae_lib.vae_config(_vae_name(config))["scaling_factor"]
+    # The latent scaling of the VAE the latents would come from: (z - shift_factor) · scaling_factor.
+    self.vae = vae_lib.create_vae(_vae_name(config))
     self.caption_dropout = config.ldm.caption_dropout if "ldm" in config else 0.0
 
   def init_params(self, rng):
@@ -155,24 +155,20 @@ class LatentUNetTask:
             "latent_logvar": jax.ShapeDtypeStruct(latent, jnp.float32),
             "context": jax.ShapeDtypeStruct((batch_size, self.context_length, self.context_dim), jnp.float32)}
 
-  def loss(self, params, frozen, batch, keys):
+  def loss(self, params, frozen, batch, keys, step=None):
     d = self.config.diffusion
-    split = jax.vmap(lambda k: jax.random.split(k, len(_DRAWS)))(keys)  # [B, draws, 2]
-    draws = {name: split[:, i] for i, name in enumerate(_DRAWS)}
     posterior = vae_lib.DiagonalGaussian(mean=batch["latent_mean"], logvar=batch["latent_logvar"])
-    z = jax.vmap(lambda p, k: p.sample(k))(posterior, draws["latent"])
-    latents = z * self.scaling_factor                                     # [B, h, w, c]
-    drop = jax.vmap(lambda k: jax.random.uniform(k) < self.caption_dropout)(draws["caption_drop"])
-    context = jnp.where(drop[:, None, None], frozen["empty_context"].astype(batch["context"].dtype), batch["context"])
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, d.num_train_timesteps))(draws["timestep"])
-    noise = jax.vmap(lambda k: losses.offset_noise(k, (1,) + latents.shape[1:], d.offset_noise)[0])(draws["noise"])
-    x_t = schedules.add_noise(self.schedule, latents, noise, t)
-    model_output = self.model.apply({"params": params}, x_t, t, context)
-    loss = losses.diffusion_loss(model_output, latents, noise, t, self.schedule, prediction_type=d.prediction_type,
-                                 min_snr_gamma=d.min_snr_gamma)
-    return loss, {}
 
+    def model_fn(x_t, t, context, dropout_key):
+      if self.model.dropout > 0:
+        return self.model.apply({"params": params}, x_t, t, context, train=True, rngs={"dropout": dropout_key})
+      return self.model.apply({"params": params}, x_t, t, context)
 
+    per_example, metrics = losses.latent_diffusion_loss(
+        model_fn, self.schedule, posterior, batch["context"], frozen["empty_context"], keys,
+        scale_latents=self.vae.scale_latents, caption_dropout=self.caption_dropout,
+        prediction_type=d.prediction_type, min_snr_gamma=d.min_snr_gamma, offset_noise_strength=d.offset_noise)
+    return jnp.mean(per_example), metrics
 
 
 def _vae_name(config) -> str:
@@ -208,7 +204,7 @@ jit_train_step = train_lib.jit_train_step  # the loop's own jitted step (shardin
 def batch_spec(exp: train_lib.Setup) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of one global batch: the task's own `batch_spec`, else what sd_jax/data/input_pipeline.py yields."""
   config, task, b = exp.config, exp.task, exp.config.batch_size
-  if hasattr(task, "batch_spec"):
+  if isinstance(task, LatentUNetTask):
     return task.batch_spec(b)
   ds = config.dataset
   spec = {"image": jax.ShapeDtypeStruct((b, ds.resolution, ds.resolution, 3), jnp.float32)}
@@ -523,12 +519,13 @@ def random_params(module: nn.Module, inputs: dict[str, Any], seed: int = 0):
 def bench_sample(config, *, batch_sizes: Sequence[int] = (1, 16), num_steps: int | None = None, steps: int = 3,
                  warmup: int = 1, vae_name: str | None = None, peak_tflops: float | None = None
                  ) -> list[Measurement]:
-  """Times DDIM sampling (+ guidance and VAE decode for a text-conditioned latent U-Net) on one device."""
+  """Times sampling (the config's sampler settings, samplers.config_from_training; + guidance and VAE decode for a
+  text-conditioned latent U-Net) on one device."""
   s = config.get("sample", ml_collections.ConfigDict())
-  d = config.diffusion
   num_steps = num_steps or s.get("num_steps", 50)
   model = unet_lib.create_unet(config.model.to_dict())
   guided = model.has_cross_attention
+  sampler_config = samplers.config_from_training(config.diffusion, s, sampler=s.get("sampler", "ddim"))
   size = model.sample_size or 64
   h, w = (size, size) if isinstance(size, int) else tuple(size)
   context_length = config.dataset.max_text_len
@@ -538,31 +535,27 @@ def bench_sample(config, *, batch_sizes: Sequence[int] = (1, 16), num_steps: int
     if vae.latent_channels != model.out_channels:
       raise ValueError(f"--vae={vae_name or _vae_name(config)} has {vae.latent_channels} latent channels but the "
                        f"U-Net outputs {model.out_channels}; pick a matching VAE config.")
-  schedule = ddpm.make_schedule(d)
-  rng = jax.random.PRNGKey(config.seed)
   unet_inputs = model.example_inputs(1, context_length)
   unet_params = random_params(model, unet_inputs, config.seed)
   vae_params = random_params(vae, vae.example_inputs(), config.seed) if vae is not None else None
   context_dim = unet_inputs["encoder_hidden_states"].shape[-1] if guided else 0
-  ddim_kwargs = dict(eta=s.get("eta", 0.0), prediction_type=d.prediction_type,
-                 timestep_spacing=s.get("timestep_spacing", "leading"), steps_offset=s.get("steps_offset", 0),
-                 set_alpha_to_one=s.get("set_alpha_to_one", True))
-  guidance_scale = s.get("guidance_scale", 7.5)
+  guidance_scale = s.get("guidance_scale", 7.5) if guided else 1.0
 
-  def draw(unet_params, vae_params, context, uncond, rng, batch: int):
-    model_fn = lambda x, t, c: model.apply({"params": unet_params}, x, t, c)  # noqa: E731
+  def draw(unet_params, vae_params, context, uncond, seed_key, batch: int):
+    noise, step_keys = samplers.image_noise(seed_key, jnp.arange(batch), (h, w, model.out_channels))
     if guided:
-      fn = ddim.classifier_free_guidance(model_fn, context, uncond, guidance_scale)
+      model_fn = lambda x, t, c: model.apply({"params": unet_params}, x, t, c)  # noqa: E731
     else:
-      fn = lambda x, t: model.apply({"params": unet_params}, x, t)  # noqa: E731
-    latents = ddim.ddim_sample(fn, schedule, rng, (batch, h, w, model.out_channels), num_inference_steps=num_steps,
-                               clip_sample=not guided, **ddim_kwargs)
+      model_fn = lambda x, t, c: model.apply({"params": unet_params}, x, t)  # noqa: E731
+    latents = samplers.sample(model_fn, noise, config=sampler_config, num_steps=num_steps, context=context,
+                              uncond_context=uncond, guidance_scale=guidance_scale, rng=step_keys)
     if vae is None:
       return latents
     return vae.apply({"params": vae_params}, vae.unscale_latents(latents), method="decode")
 
   device, device_name, table_peak = _device_summary()
   peak = peak_tflops or table_peak
+  seed_key = jax.random.PRNGKey(config.seed)
   results = []
   for batch in batch_sizes:
     host_rng = np.random.default_rng(batch)
@@ -571,14 +564,15 @@ def bench_sample(config, *, batch_sizes: Sequence[int] = (1, 16), num_steps: int
     uncond = jnp.asarray(host_rng.standard_normal((1, context_length, context_dim)), jnp.float32) if guided else None
     fn = jax.jit(functools.partial(draw, batch=batch))
     t0 = time.perf_counter()
-    compiled = fn.lower(unet_params, vae_params, context, uncond, rng).compile()
+    compiled = fn.lower(unet_params, vae_params, context, uncond, seed_key).compile()
     compile_s = time.perf_counter() - t0
-    times = _timed(lambda: compiled(unet_params, vae_params, context, uncond, rng), steps, warmup)
+    times = _timed(lambda: compiled(unet_params, vae_params, context, uncond, seed_key), steps, warmup)
     median = statistics.median(times)
     analytic = flops_lib.ddim_sample_flops(model, batch, num_steps, h, w, context_length, guidance=guided, vae=vae)
     memory = memory_estimate(compiled)
     results.append(Measurement(
-        mode=f"sample ({num_steps} DDIM steps{', CFG' if guided else ''}{' + VAE decode' if vae else ''})",
+        mode=(f"sample ({num_steps} {sampler_config.sampler.upper()} steps{', CFG' if guided else ''}"
+              f"{' + VAE decode' if vae else ''})"),
         device=device_name if table_peak else device, num_devices=1, mesh="1 device", batch=batch,
         compile_s=compile_s, median_s=median, images_per_s=batch / median, analytic_flops=analytic.total,
         xla_flops=xla_flops(compiled), mfu=_mfu(analytic.total, median, 1, peak), peak_memory_bytes=_peak_memory(),

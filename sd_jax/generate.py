@@ -5,7 +5,7 @@ grids all draw their images here, so a seed gives the same image in every tool.
 
 Use:
 
-  pipe = TextToImage.from_model_dir("workdirs/shapes_ldm/export")      # or TextToImage.from_workdir("workdirs/shapes_ldm")
+  pipe = TextToImage.from_model_dir("workdirs/shapes_ldm/export")   # or TextToImage.from_workdir("workdirs/shapes_ldm")
   images = pipe.generate(["a red circle"], num_images=2, steps=25, guidance=4.0, seed=0)   # uint8 [2, H, W, 3]
 
 Sampling (sd_jax/diffusion/samplers.py, each sampler matching its diffusers scheduler) runs as one jitted function
@@ -60,15 +60,6 @@ DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 OUTPUT_TYPES = ("uint8", "np")
 
 
-def initial_noise_keys(seed: int, batch_index: int) -> tuple[jax.Array, jax.Array]:
-  """(key of batch `batch_index`'s initial noise, key of its per-step noise), from fold_in(PRNGKey(seed), b).
-
-  The split is the one ddim.ddim_sample makes of its rng, so DDIM draws the same x_T as the trainer's sample grids.
-  """
-  noise_key, step_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), batch_index))
-  return noise_key, step_key
-
-
 def _as_float_images(images, what: str) -> np.ndarray:
   """uint8 [0, 255] or float [-1, 1] images [N, H, W, 3] (or one [H, W, 3]) -> float32 [N, H, W, 3] in [-1, 1]."""
   images = np.asarray(images)
@@ -87,10 +78,16 @@ def _as_float_images(images, what: str) -> np.ndarray:
 
 
 class TextToImage:
-  """U-Net + VAE + text tower + tokenizer + scheduler config; `generate` draws images for prompts."""
+  """U-Net + VAE + text tower + tokenizer + scheduler config; `generate` draws images for prompts.
+
+  Built from a model directory (`from_model_dir`, `from_workdir`), or by a trainer from its own networks with
+  `params=None` in `components` and `mesh` = the training mesh: `generate(..., params=...)` then draws with the
+  parameters of the moment (sharded as training holds them), and every process gets the images.
+  """
 
   def __init__(self, components: dict[str, tuple[Any, Any]], tokenizer,
-               scheduler_config: Mapping[str, Any] | None = None, clip_skip: int = 0):
+               scheduler_config: Mapping[str, Any] | None = None, clip_skip: int = 0, *,
+               mesh: jax.sharding.Mesh | None = None):
     self.unet, self.unet_params = components["unet"]
     self.vae, self.vae_params = components["vae"]
     self.text, self.text_params = components["text_encoder"]
@@ -98,7 +95,8 @@ class TextToImage:
     self.clip_skip = int(clip_skip)  # the text layer the U-Net was trained on (0 = the last)
     self.scheduler_config: dict[str, Any] = dict(scheduler_config or {})
     self.sampler_config(DEFAULT_SAMPLER)  # a clear error now if the scheduler config is not one we can run
-    # Batches that divide len(devices) run sharded over them (set to jax.local_devices()[:1] to stay on one).
+    self.mesh = mesh  # a training mesh: the parameters passed to `generate` live there
+    # Otherwise batches that divide len(devices) run sharded over them (jax.local_devices()[:1] stays on one).
     self.devices: list = list(jax.local_devices()) if jax.process_count() == 1 else list(jax.local_devices())[:1]
     self.num_traces = 0  # how many times a sampling function was traced (compiled); for tests and logs
     self._compiled: dict[tuple, Any] = {}
@@ -167,13 +165,20 @@ class TextToImage:
     return self.text.apply({"params": text_params}, tokens, clip_skip=self.clip_skip or None, method="encode")
 
   def _mesh(self, batch: int) -> jax.sharding.Mesh | None:
+    if self.mesh is not None:
+      return self.mesh
     if len(self.devices) > 1 and batch % len(self.devices) == 0:
       return jax.sharding.Mesh(np.asarray(self.devices), ("data",))
     return None
 
-  def _params(self, mesh):
-    """The three parameter trees, replicated over `mesh` (placed once per mesh)."""
+  def _params(self, mesh, params: Mapping[str, Any] | None):
+    """The three parameter trees: `params` as given ({"unet", "vae", "text_encoder"}), else the model's own,
+    replicated over `mesh` (placed once per mesh)."""
+    if params is not None:
+      return params["unet"], params["vae"], params["text_encoder"]
     params = (self.unet_params, self.vae_params, self.text_params)
+    if any(p is None for p in params):
+      raise ValueError("this TextToImage was built without parameters: pass generate(..., params=...).")
     if mesh is None:
       return params
     key = tuple(d.id for d in mesh.devices.flat)
@@ -190,11 +195,11 @@ class TextToImage:
       return self._compiled[key], mesh
     shape = (batch, *latent_hw, self.vae.latent_channels)
 
-    def run(unet_params, vae_params, text_params, tokens, uncond_tokens, noise_key, step_key, init_images):
+    def run(unet_params, vae_params, text_params, tokens, uncond_tokens, seed_key, indices, init_images):
       self.num_traces += 1
       context = self.encode_text(text_params, tokens)
       uncond = self.encode_text(text_params, uncond_tokens)
-      noise = jax.random.normal(noise_key, shape, jnp.float32)
+      noise, step_keys = samplers.image_noise(seed_key, indices, shape[1:])
       init_latents = None
       if init_images is not None:
         posterior = self.vae.apply({"params": vae_params}, init_images, method="encode")
@@ -205,17 +210,19 @@ class TextToImage:
       scale = float(guidance) if guidance >= 1 else jnp.float32(guidance)
       latents = samplers.sample(model_fn, noise, config=config, num_steps=steps, context=context,
                                 uncond_context=uncond, guidance_scale=scale,
-                                guidance_rescale=float(guidance_rescale), rng=step_key, init_latents=init_latents,
+                                guidance_rescale=float(guidance_rescale), rng=step_keys, init_latents=init_latents,
                                 strength=float(strength) if img2img else 1.0)
       images = self.vae.apply({"params": vae_params}, self.vae.unscale_latents(latents), method="decode")
       return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
     if mesh is None:
       fn = jax.jit(run)
+    elif mesh is self.mesh:  # a trainer's: its parameters keep their shardings; every process reads the images
+      fn = jax.jit(run, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     else:
       P = jax.sharding.PartitionSpec  # noqa: N806
       replicated, data = jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
-      fn = jax.jit(run, in_shardings=(replicated, replicated, replicated, data, data, replicated, replicated,
+      fn = jax.jit(run, in_shardings=(replicated, replicated, replicated, data, data, replicated, data,
                                       data if img2img else None), out_shardings=data)
     self._compiled[key] = fn
     return fn, mesh
@@ -234,8 +241,8 @@ class TextToImage:
                steps: int = 50, guidance: float = 7.5, seed: int = 0, height: int | None = None,
                width: int | None = None, eta: float = 0.0, batch_size: int | None = None,
                sampler: str = DEFAULT_SAMPLER, guidance_rescale: float = 0.0, init_image=None,
-               strength: float = DEFAULT_STRENGTH, progress: bool = False, output_type: str = "uint8"
-               ) -> np.ndarray:
+               strength: float = DEFAULT_STRENGTH, progress: bool = False, output_type: str = "uint8",
+               params: Mapping[str, Any] | None = None) -> np.ndarray:
     """[len(prompts) * num_images, H, W, 3]: num_images images per prompt, prompt-major.
 
     Args:
@@ -245,7 +252,8 @@ class TextToImage:
       steps: length of the sampler's schedule (img2img runs the last int(steps · strength) of them).
       guidance: classifier-free guidance scale s. Exactly 1: the conditional output alone (one network call, as
         diffusers); s < 1 interpolates toward the negative prompt's output (0: unconditional samples).
-      seed: batch b's noise comes from fold_in(PRNGKey(seed), b); a seed and a batch size fix the images.
+      seed: image i (prompt-major) draws its noise from fold_in(PRNGKey(seed), i) (samplers.image_noise): a seed
+        fixes the images, whatever batch_size and sharding.
       height, width: pixels (default: the U-Net's sample_size × the VAE's factor, or the init image's size).
       eta: DDIM's η (0 = deterministic); only with sampler="ddim".
       batch_size: images per jitted call (default: all at once); the last batch is padded to this size.
@@ -256,6 +264,8 @@ class TextToImage:
       strength: img2img: the fraction of the schedule to run, in (0, 1].
       progress: show a progress bar over the batches.
       output_type: "uint8" (default) or "np" (float32 in [0, 1], as diffusers' output_type="np").
+      params: {"unet", "vae", "text_encoder"} parameter trees to draw with instead of the model's own (a trainer's
+        parameters of the moment).
     """
     if not prompts:
       raise ValueError("no prompts given.")
@@ -297,7 +307,8 @@ class TextToImage:
       raise ValueError(f"--batch_size={batch_size}: must be >= 1.")
     num_batches = math.ceil(len(prompts) / batch_size)
     fn, mesh = self._sample_fn(batch_size, latent_hw, steps, config, guidance, guidance_rescale, img2img, strength)
-    params = self._params(mesh)
+    params = self._params(mesh, params)
+    seed_key = jax.random.PRNGKey(seed)
     bar = None
     if progress:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -313,7 +324,8 @@ class TextToImage:
       if img2img:
         images_in = init[start:start + batch_size]
         images_in = np.concatenate([images_in, np.repeat(images_in[-1:], pad, axis=0)]) if pad else images_in
-      images = fn(*params, self.tokenizer(chunk), self.tokenizer(neg), *initial_noise_keys(seed, b), images_in)
+      indices = np.arange(start, start + batch_size, dtype=np.int32)  # padding rows: indices past the end
+      images = fn(*params, self.tokenizer(chunk), self.tokenizer(neg), seed_key, indices, images_in)
       images = np.asarray(jax.device_get(images))[:real]
       out.append(images_lib.to_uint8(images) if output_type == "uint8" else (images + 1.0) / 2.0)
       if bar is not None:

@@ -9,8 +9,8 @@ convolution, the demo U-Net's most common op, timed for about a second) beside i
 
 It also chooses how many JAX CPU devices a CPU run should have (`auto_cpu_devices`): XLA runs each CPU device's
 program on its own thread, and on 2 cores two data-parallel replicas of half the batch each keep both cores busier
-than one program does (RESULTS.md, session 12: the demo VAE's train step 694 → 348 ms, the demo U-Net's 280-350 →
-210-225 ms; 4 devices were no faster than 2).
+than one program does (RESULTS.md, "One JAX CPU device per core", 2026-11-23: the demo VAE's train step 694 → 348
+ms, the demo U-Net's 280-350 → 210-225 ms; 4 devices were no faster than 2).
 """
 
 from __future__ import annotations

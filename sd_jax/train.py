@@ -1,14 +1,13 @@
-"""The shared training loop: mesh, sharded state, compile, loop, evaluation hooks, logging, checkpoints.
+"""The shared training loop: mesh, sharded state, compile, loop, evaluation, sample grids, logging, checkpoints.
 
-Trainers (sd_jax/trainers/) only provide the model, the loss and their evaluation; everything else is here so that
-the VAE, CLIP, LDM and DDPM trainers cannot drift apart.
+Trainers (sd_jax/trainers/) provide the model, the loss and their evaluation through one typed interface,
+`trainers.base.Task`; everything else is here so that the VAE, CLIP, LDM and DDPM trainers cannot drift apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -29,8 +28,10 @@ from sd_jax import checkpoint as ckpt_lib
 from sd_jax import config_lib
 from sd_jax import metrics as metrics_lib
 from sd_jax import parallel
+from sd_jax import images as images_lib
 from sd_jax import trainers
 from sd_jax.data import input_pipeline
+from sd_jax.trainers import base
 
 EXPORT_DIR = "export"  # WORKDIR/export: the finished model (sd_jax/weights/store.py), written by `task.export`
 
@@ -119,20 +120,12 @@ def _apply_update(state: TrainState, grads, loss, metrics, *, tx, schedule, conf
   return new_state, metrics
 
 
-def _loss_fn(task, step):
-  """task.loss, given the step when it takes one (`loss(params, frozen, batch, keys, step=None)`: e.g. the VAE's
-  discriminator start)."""
-  if "step" in inspect.signature(task.loss).parameters:
-    return functools.partial(task.loss, step=step)
-  return task.loss
-
-
 def train_step(state: TrainState, batch, frozen, *, task, tx, schedule, config, global_batch: int,
                key_sharding=None):
   keys = _example_keys(state, global_batch)
   if key_sharding is not None:
     keys = jax.lax.with_sharding_constraint(keys, key_sharding)
-  loss_fn = _loss_fn(task, state.step)
+  loss_fn = functools.partial(task.loss, step=state.step)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, keys)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
@@ -142,7 +135,7 @@ def train_step_pmap(state: TrainState, batch, frozen, *, task, tx, schedule, con
   local = jax.tree.leaves(batch)[0].shape[0]
   index = jax.lax.axis_index(axis)
   keys = jax.lax.dynamic_slice_in_dim(_example_keys(state, global_batch), index * local, local)
-  loss_fn = _loss_fn(task, state.step)
+  loss_fn = functools.partial(task.loss, step=state.step)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, keys)
   grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
@@ -169,17 +162,7 @@ def check_config_against_devices(config, mesh, process_count: int) -> None:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {process_count} processes.")
 
 
-class Context:
-  """What a trainer's host-side evaluation hook may use."""
-
-  def __init__(self, config, workdir, mesh, writer, eval_iterator_fn, eval_fn=None, frozen=None):
-    self.config = config
-    self.workdir = workdir
-    self.mesh = mesh
-    self.writer = writer
-    self.eval_iterator_fn = eval_iterator_fn
-    self.eval_fn = eval_fn  # jitted eval_step, compiled once and reused by every evaluation
-    self.frozen = frozen    # the task's frozen networks (sharded), or None
+Context = base.Context  # what a task's host-side hooks get (sd_jax/trainers/base.py)
 
 
 def resolve_workdir(workdir) -> epath.Path:
@@ -188,16 +171,19 @@ def resolve_workdir(workdir) -> epath.Path:
   return epath.Path(workdir if "://" in workdir else os.path.abspath(os.path.expanduser(workdir)))
 
 
-def _write_config(config, workdir: epath.Path) -> None:
+def _write_config(config, task: base.Task, workdir: epath.Path) -> None:
+  """WORKDIR/config.json: the resolved config, with the dataset the task reads (e.g. the clip trainer's tokenizer)."""
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.dataset = ml_collections.ConfigDict(task.dataset_config().to_dict())
+    (workdir / "config.json").write_text(resolved.to_json_best_effort(indent=2, sort_keys=True))
 
 
 @dataclasses.dataclass
 class Setup:
   """Everything about a run that does not touch data or checkpoints: model, optimizer, mesh, sharded state."""
   config: ml_collections.ConfigDict
-  task: Any
+  task: base.Task
   tx: Any
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
@@ -225,8 +211,8 @@ class Setup:
 def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
   """Validates the config against the devices and builds the sharded-state machinery (nothing is compiled).
 
-  `task`: a Task object to use instead of `trainers.get(config.trainer).Task(config)` (e.g. sd_jax.bench's U-Net
-  on precomputed latents)."""
+  `task`: a trainers.base.Task to use instead of `trainers.get(config.trainer).Task(config)` (e.g. sd_jax.bench's
+  U-Net on precomputed latents)."""
   config_lib.validate(config)
   trainer_module = trainers.get(config.trainer) if task is None else None
   input_pipeline.validate_config(config.dataset)
@@ -256,9 +242,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
     state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
-  frozen_shardings = None
-  if hasattr(task, "frozen_abstract"):
-    frozen_shardings = parallel.logical_to_sharding(task.frozen_abstract(), mesh, rules)
+  frozen_abstract = task.frozen_abstract()
+  frozen_shardings = None if frozen_abstract is None else parallel.logical_to_sharding(frozen_abstract, mesh, rules)
   return Setup(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                state_shardings=state_shardings, abstract_state=abstract_sharded, boxed_params=boxed_state.params,
                init_fn=jax.jit(init_state, out_shardings=state_shardings), frozen_shardings=frozen_shardings)
@@ -274,24 +259,26 @@ def jit_train_step(exp: Setup):
       out_shardings=(exp.state_shardings, None), donate_argnums=0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+                       task: base.Task | None = None) -> dict[str, float]:
   """Trains `config.trainer` in `workdir`, resuming from the workdir's checkpoints. Returns the last metrics.
 
-  `devices` restricts the mesh to a subset of devices (tests); by default all devices of all processes.
+  `devices` restricts the mesh to a subset of devices (tests); by default all devices of all processes. `task`
+  trains a trainers.base.Task of one's own instead of config.trainer's.
   """
-  exp = setup(config, devices)
+  exp = setup(config, devices, task=task)
   task, tx, schedule, mesh, state_shardings = exp.task, exp.tx, exp.schedule, exp.mesh, exp.state_shardings
   workdir = resolve_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _write_config(config, workdir)
+  _write_config(config, task, workdir)
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.devices.size,
                mesh.devices.flat[0].platform, jax.process_count())
   global_batch = config.batch_size
 
   # --- Data (a task may first write derived data, e.g. the ldm trainer's precomputed latents).
-  if hasattr(task, "prepare_data"):
-    task.prepare_data()
-  data_iter = input_pipeline.create_iterator(config.dataset, split=config.dataset.train_split,
+  task.prepare_data()
+  dataset = task.dataset_config()
+  data_iter = input_pipeline.create_iterator(dataset, split=dataset.train_split,
                                        global_batch_size=global_batch, seed=config.seed, train=True)
 
   # --- Resume order: own checkpoint, else init_from, else fresh init.
@@ -312,11 +299,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   frozen = exp.load_frozen()
-  eval_fn = (jax.jit(functools.partial(eval_step, task=task, global_batch=global_batch, seed=config.seed))
-             if hasattr(task, "eval_metrics") else None)
-  ctx = Context(config, workdir, mesh, writer, lambda: input_pipeline.create_iterator(
-      config.dataset, split=config.dataset.eval_split, global_batch_size=global_batch, seed=config.seed,
-      train=False), eval_fn=eval_fn, frozen=frozen)
+  eval_fn = jax.jit(functools.partial(eval_step, task=task, global_batch=global_batch, seed=config.seed))
+  ctx = Context(config=config, workdir=workdir, mesh=mesh, writer=writer, eval_iterator_fn=lambda: (
+      input_pipeline.create_iterator(dataset, split=dataset.eval_split, global_batch_size=global_batch,
+                                     seed=config.seed, train=False)), frozen=frozen, batch_sharding=exp.batch_sharding)
 
   # --- Compile the step ahead of time.
   batch_sharding = exp.batch_sharding
@@ -333,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   if start_step >= config.total_steps:
     logging.info("Nothing to do: step %d >= total_steps %d.", start_step, config.total_steps)
     from sd_jax.weights import store  # pylint: disable=import-outside-toplevel
-    if hasattr(task, "export") and not (workdir / EXPORT_DIR / store.INDEX_FILE).exists():
+    if not (workdir / EXPORT_DIR / store.INDEX_FILE).exists():
       logging.info("The finished run has no %s/ (stopped while exporting?): exporting now.", EXPORT_DIR)
       _export(task, state, ctx)
     checkpointer.close()
@@ -386,7 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
           writer.write(step, row)
           progress.console(step, row)
         if due(step, config.eval_every_steps, is_last):
-          _evaluate(step, get_state(state), task, ctx, config, mesh, batch_sharding, writer)
+          _evaluate(step, get_state(state), task, ctx, eval_fn, config, batch_sharding, writer)
+        if due(step, config.sample_every_steps, is_last):
+          _write_grid(step, get_state(state), task, ctx)
         save_now = step % config.save_every_steps == 0 or is_last
         preempted = preemption.reached(step)
         if save_now or preempted:
@@ -397,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         if preempted:
           logging.warning("Preempted: saved step %d; exiting.", step)
           break
-        if is_last and hasattr(task, "export"):
+        if is_last:
           _export(task, get_state(state), ctx)
         if step < config.total_steps:
           batch = put_batch(next(data_iter))
@@ -473,29 +461,42 @@ def _log_compiled(compiled) -> None:
     logging.info("Compiled step analysis unavailable: %s", e)
 
 
-def _evaluate(step, state, task, ctx, config, mesh, batch_sharding, writer) -> None:
+def eval_params(state: TrainState):
+  """The parameters evaluation, sample grids and export use: the EMA parameters when the run keeps them."""
+  return state.ema_params if state.ema_params is not None else state.params
+
+
+def _evaluate(step, state, task: base.Task, ctx: Context, eval_fn, config, batch_sharding, writer) -> None:
   """Held-out metrics (averaged over the eval split) and the trainer's own evaluation hook."""
   results: dict[str, float] = {}
   parallel.sync_processes(f"sd_jax_eval_{step}")
-  if ctx.eval_fn is not None:
-    params = state.ema_params if state.ema_params is not None else state.params
-    fn = ctx.eval_fn
-    sums: dict[str, float] = {}
-    count = 0
-    for local_batch in ctx.eval_iterator_fn():
-      n = jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count()
-      if n != config.batch_size:
-        break  # keep shapes static: the final partial batch is dropped
-      batch = parallel.host_batch_to_global(local_batch, batch_sharding)
-      values = jax.device_get(fn(params, ctx.frozen, batch))
-      for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-      count += 1
-      if 0 < config.eval_batches <= count:
-        break
-    results.update({f"eval_{k}": v / count for k, v in sums.items()} if count else {})
-  if hasattr(task, "on_eval"):
-    results.update(task.on_eval(step, state, ctx) or {})
+  params = eval_params(state)
+  sums: dict[str, float] = {}
+  count = 0
+  for local_batch in ctx.eval_iterator_fn():
+    n = jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count()
+    if n != config.batch_size:
+      break  # keep shapes static: the final partial batch is dropped
+    batch = parallel.host_batch_to_global(local_batch, batch_sharding)
+    values = jax.device_get(eval_fn(params, ctx.frozen, batch))
+    for k, v in values.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    count += 1
+    if 0 < config.eval_batches <= count:
+      break
+  results.update({f"eval_{k}": v / count for k, v in sums.items()} if count else {})
+  results.update(task.on_eval(step, params, ctx) or {})
   if results:
     writer.write(step, results)
     logging.info("eval step %d: %s", step, json.dumps({k: round(v, 5) for k, v in results.items()}))
+
+
+def _write_grid(step: int, state, task: base.Task, ctx: Context) -> None:
+  """The task's sample grid (EMA parameters): WORKDIR/samples/step_<step>.png and TensorBoard."""
+  grid = task.sample_grid(eval_params(state), ctx)
+  if grid is None or jax.process_index() != 0:
+    return
+  out = epath.Path(ctx.workdir) / "samples"
+  out.mkdir(parents=True, exist_ok=True)
+  images_lib.save_png(grid, out / f"step_{step:07d}.png")
+  ctx.writer.write_image(step, task.grid_tag, grid)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from sd_jax import generate
 from sd_jax import sample
+from sd_jax.diffusion import samplers
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_models
 from sd_jax.models import unet as unet_models
@@ -92,9 +93,10 @@ def _torch_pipeline(model, cls, scheduler):
 
 
 def _noise(seed: int, batch: int = len(PROMPTS)) -> torch.Tensor:
-  """The initial noise TextToImage draws for batch 0 of `seed`, NCHW for diffusers."""
-  noise_key, _ = generate.initial_noise_keys(seed, 0)
-  noise = np.asarray(jax.random.normal(noise_key, (batch, SIZE // 2, SIZE // 2, 4), np.float32))
+  """The initial noise TextToImage draws for images 0..batch-1 of `seed` (samplers.image_noise), NCHW for
+  diffusers."""
+  noise, _ = samplers.image_noise(seed, np.arange(batch), (SIZE // 2, SIZE // 2, 4))
+  noise = np.asarray(noise)
   return torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2)))
 
 

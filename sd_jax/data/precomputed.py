@@ -139,7 +139,7 @@ class PrecomputedSource:
     self.meta = read_meta(directory, split)
     if self.meta is None:
       raise FileNotFoundError(f"{self.path} holds no precomputed split (no {META_FILE}); write it first "
-                              "(sd_jax.trainers.ldm.precompute).")
+                              "(sd_jax.precompute.precompute).")
     self._arrays: dict[str, np.ndarray] | None = None
 
   def __len__(self) -> int:

@@ -1,5 +1,10 @@
 """Jitted samplers that match diffusers' schedulers step for step: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler-a.
 
+The only denoising loop of sd_jax: text-to-image (sd_jax/generate.py, behind `python -m sd_jax.sample`, evaluate,
+stages and the ldm trainer's sample grids), the pixel-space ddpm trainer's grids and the bench all call `sample`.
+A training config's sampler settings come from `config_from_training`, an exported model's from
+`config_from_diffusers`; `to_diffusers_config` writes the scheduler_config.json an export carries.
+
 One entry point, `sample(model_fn, noise, config=SamplerConfig(...), num_steps=...)`, runs the whole chain as one
 `lax.scan`. Everything that depends only on the configuration (timesteps, σ tables, per-step coefficients) is built
 on the host in NumPy, the way diffusers builds it, and enters the loop as constants; the loop itself is the per-step
@@ -10,9 +15,9 @@ Notation: ᾱ_t is the training schedule's cumulative product (schedules.py), σ
 level of the "variance exploding" view x = x0 + σ ε (Karras et al. 2022), which is x_t / sqrt(ᾱ_t).
 
 - ddpm (Ho et al. 2020; diffusers `DDPMScheduler`, fixed_small variance): the posterior mean μ̃(x_t, x̂0) plus
-  sqrt(β̃) z, stepping to the next inference timestep (ddpm_sampler.ddpm_step).
+  sqrt(β̃) z, stepping to the next inference timestep (ddpm_step).
 - ddim (Song et al. 2021; `DDIMScheduler`): x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - s²) ε̂ + s z with
-  s = η sqrt((1 - ᾱ_prev)/(1 - ᾱ_t) (1 - ᾱ_t/ᾱ_prev)), prev = t - T // n (ddim.ddim_step).
+  s = η sqrt((1 - ᾱ_prev)/(1 - ᾱ_t) (1 - ᾱ_t/ᾱ_prev)), prev = t - T // n (ddim_step).
 - dpmpp_2m (Lu et al. 2022, DPM-Solver++(2M); `DPMSolverMultistepScheduler`, solver_order=2, midpoint): with
   α = 1/sqrt(σ² + 1), s = σ α, λ = log α - log s and h = λ_next - λ_cur,
       x_next = (s_next/s_cur) x - α_next (e^{-h} - 1) (D0 + ½ D1),
@@ -37,8 +42,10 @@ k = min(int(n · strength), n) steps are run, starting from the scheduler's `add
 first of them.
 
 Randomness: `noise` (x_T, or the noise added to the init latents) is an argument. The stochastic samplers draw
-step i's z from `step_noise(rng, i, shape)` = normal(fold_in(rng, i)), i counting the steps run; the draws do not
-depend on how the batch is sharded. Typical use, with the network parameters as arguments of the jitted function:
+step i's z from `step_noise(rng, i, shape)` = normal(fold_in(rng, i)), i counting the steps run; with one key per
+image (rng [B, 2]) each image draws its own z from its own key. Tools key each image by its seed and its index among
+the images drawn (`image_noise`), so a seed gives the same image whatever the batch size, the sharding or the tool.
+Typical use, with the network parameters as arguments of the jitted function:
 
     @functools.partial(jax.jit, static_argnames=("num_steps",))
     def draw(params, noise, context, uncond_context, rng, num_steps):
@@ -60,8 +67,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.diffusion import ddim
-from sd_jax.diffusion import ddpm_sampler
 from sd_jax.diffusion import schedules
 from sd_jax.diffusion.schedules import NoiseSchedule
 
@@ -72,7 +77,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a")
 KARRAS_SAMPLERS = ("dpmpp_2m", "euler")  # those diffusers offers use_karras_sigmas for
 # "<sampler>_karras" is accepted as a name for <sampler> with use_karras_sigmas=True.
 SAMPLER_NAMES = SAMPLERS + tuple(f"{name}_karras" for name in KARRAS_SAMPLERS)
-TIMESTEP_SPACINGS = ddim.TIMESTEP_SPACINGS
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 _ZERO_SNR_ALPHA_CUMPROD = 2.0**-24  # ᾱ_{T-1} of the σ-based schedulers under rescale_betas_zero_snr
 
 
@@ -179,16 +184,23 @@ def config_from_diffusers(scheduler_config: Mapping[str, Any], sampler: str | No
   return config
 
 
-def config_from_training(diffusion_config: Mapping[str, Any], sampler: str = "dpmpp_2m",
-                         **overrides: Any) -> SamplerConfig:
-  """A SamplerConfig for a model trained here, from its `config.diffusion` block.
+def config_from_training(diffusion_config: Mapping[str, Any], sample_config: Mapping[str, Any] | None = None, *,
+                         sampler: str | None = None, **overrides: Any) -> SamplerConfig:
+  """The SamplerConfig of a model trained here, from its config's `diffusion` block and (optionally) its `sample`
+  block: the one place where a training config becomes sampler settings (sample grids, the export's
+  scheduler_config.json, the bench).
 
-  Reads schedule, num_train_timesteps, beta_start, beta_end, prediction_type, zero_terminal_snr and snr_shift (a
-  shifted schedule becomes trained_betas, as the export writes it); a zero-SNR model gets timestep_spacing="trailing"
-  (Lin et al. 2023) unless `overrides` says otherwise.
+  From `diffusion`: schedule, num_train_timesteps, beta_start, beta_end, prediction_type, zero_terminal_snr and
+  snr_shift (a shifted schedule becomes trained_betas, as the export writes it). A zero-SNR model gets
+  timestep_spacing="trailing" and steps_offset=0 (Lin et al. 2023) unless the sample block or `overrides` says
+  otherwise. From `sample` (keys it has): sampler, timestep_spacing, steps_offset, set_alpha_to_one, eta,
+  clip_sample. `sampler` (else the sample block's, else "dpmpp_2m") and `overrides` come last.
   """
-  d = diffusion_config
-  fields = dict(sampler=sampler, beta_schedule=d["schedule"], num_train_timesteps=int(d["num_train_timesteps"]),
+  if isinstance(sample_config, str):
+    raise TypeError(f"config_from_training(diffusion, {sample_config!r}): the second argument is the config's sample "
+                    f"block; pass the sampler as sampler={sample_config!r}.")
+  d, s = diffusion_config, sample_config or {}
+  fields = dict(beta_schedule=d["schedule"], num_train_timesteps=int(d["num_train_timesteps"]),
                 beta_start=float(d["beta_start"]), beta_end=float(d["beta_end"]),
                 prediction_type=d["prediction_type"], rescale_betas_zero_snr=bool(d.get("zero_terminal_snr", False)))
   if fields["rescale_betas_zero_snr"]:
@@ -197,9 +209,74 @@ def config_from_training(diffusion_config: Mapping[str, Any], sampler: str = "dp
   if snr_shift != 1.0:
     fields["trained_betas"] = tuple(float(b) for b in schedules.shifted_betas(
         d["schedule"], int(d["num_train_timesteps"]), float(d["beta_start"]), float(d["beta_end"]), snr_shift))
+  for key, kind in (("sampler", str), ("timestep_spacing", str), ("steps_offset", int), ("set_alpha_to_one", bool),
+                    ("eta", float), ("clip_sample", bool)):
+    if key in s and s[key] is not None:
+      fields[key] = kind(s[key])
+  fields.setdefault("sampler", "dpmpp_2m")
+  if sampler is not None:
+    fields["sampler"] = sampler
   config = SamplerConfig(**{**fields, **overrides})
   check_config(config)
   return config
+
+
+_CLASS_NAMES = {sampler: name for name, sampler in _SCHEDULER_CLASSES.items()}
+
+
+def to_diffusers_config(config: SamplerConfig) -> dict[str, Any]:
+  """The diffusers scheduler_config.json dict of `config` (what an export writes; `config_from_diffusers` reads it
+  back to the same settings)."""
+  check_config(config)
+  out = {"_class_name": _CLASS_NAMES[config.base_sampler], "num_train_timesteps": config.num_train_timesteps,
+         "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(config.beta_schedule, config.beta_schedule),
+         "beta_start": config.beta_start, "beta_end": config.beta_end, "prediction_type": config.prediction_type,
+         "rescale_betas_zero_snr": config.rescale_betas_zero_snr, "timestep_spacing": config.timestep_spacing,
+         "steps_offset": config.steps_offset, "set_alpha_to_one": config.set_alpha_to_one,
+         "clip_sample": config.clip_sample}
+  if config.clip_sample:
+    out["clip_sample_range"] = config.clip_sample_range
+  if config.karras:
+    out["use_karras_sigmas"] = True
+  if config.trained_betas is not None:  # diffusers has no SNR shift: the shifted table itself
+    out["trained_betas"] = [float(b) for b in config.trained_betas]
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timesteps of the DDPM and DDIM schedulers.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str = "leading",
+                   steps_offset: int = 0) -> np.ndarray:
+  """Descending inference timesteps, int32 [n], as diffusers' `DDIMScheduler.set_timesteps`.
+
+  leading:  (arange(n) * (T // n))[::-1] + steps_offset       (SD 1.x/2.x: steps_offset = 1)
+  trailing: round(arange(T, 0, -T / n)) - 1                   (starts at T - 1; Lin et al. 2023, Table 2)
+  linspace: round(linspace(0, T - 1, n))[::-1]
+  """
+  if not 1 <= num_inference_steps <= num_train_timesteps:
+    raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {num_train_timesteps}].")
+  n, T = num_inference_steps, num_train_timesteps
+  if spacing == "leading":
+    timesteps = (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+  elif spacing == "trailing":
+    timesteps = np.round(np.arange(T, 0, -T / n)) - 1
+  elif spacing == "linspace":
+    timesteps = np.linspace(0, T - 1, n).round()[::-1]
+  else:
+    raise ValueError(f"timestep spacing {spacing!r}: use one of {', '.join(TIMESTEP_SPACINGS)}.")
+  timesteps = timesteps.astype(np.int32)
+  if timesteps.max() >= T:
+    raise ValueError(f"steps_offset={steps_offset} puts the first timestep past {T - 1}.")
+  return timesteps
+
+
+def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
+  """The timestep each step moves to: the next entry of `timesteps`, and -1 (i.e. ᾱ = 1) after the last."""
+  timesteps = np.asarray(timesteps, np.int32)
+  return np.concatenate([timesteps[1:], np.array([-1], np.int32)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,11 +364,11 @@ def _check_timesteps(config: SamplerConfig, timesteps: np.ndarray, n: int) -> No
 
 def _plan_ddpm_ddim(config: SamplerConfig, schedule: NoiseSchedule, n: int) -> _Plan:
   T = config.num_train_timesteps
-  timesteps = ddim.ddim_timesteps(T, n, config.timestep_spacing, config.steps_offset)
+  timesteps = ddim_timesteps(T, n, config.timestep_spacing, config.steps_offset)
   if config.base_sampler == "ddim":
     prev = timesteps - T // n  # diffusers' DDIM rule, whatever the spacing
   else:
-    prev = ddpm_sampler.previous_timesteps(timesteps)  # diffusers' DDPM: the next timestep of the list
+    prev = previous_timesteps(timesteps)  # diffusers' DDPM: the next timestep of the list
   alphas_cumprod = np.asarray(schedule.alphas_cumprod)
   if config.prediction_type == "epsilon" and np.any(alphas_cumprod[timesteps] == 0):
     raise ValueError(f"prediction_type='epsilon' with a zero-SNR timestep (ᾱ_{timesteps.max()} = 0, from "
@@ -397,8 +474,36 @@ def img2img_start(num_steps: int, strength: float) -> int:
 
 
 def step_noise(rng, step: int, shape) -> jnp.ndarray:
-  """z of step `step` (counting the steps run, from 0) of the stochastic samplers: N(0, I), float32 `shape`."""
+  """z of step `step` (counting the steps run, from 0) of the stochastic samplers: N(0, I), float32 `shape`.
+
+  `rng` is one key (uint32 [2]: z = normal(fold_in(rng, step), shape)) or one key per image (uint32 [B, 2]: image b
+  draws its own z from fold_in(rng[b], step), so it does not depend on the other images of the batch)."""
+  rng = jnp.asarray(rng)
+  if rng.ndim == 2:
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, step), tuple(shape)[1:], jnp.float32))(rng)
   return jax.random.normal(jax.random.fold_in(rng, step), tuple(shape), jnp.float32)
+
+
+def image_noise(seed, indices, shape) -> tuple[jax.Array, jax.Array]:
+  """How every tool keys the randomness of an image: (initial noise float32 [N, *shape], step keys uint32 [N, 2]).
+
+  Image number i of a seed (its index among all the images a command draws for that seed, prompt-major) takes
+  key_i = fold_in(PRNGKey(seed), i), split into the key of its initial noise (x_T, or the noise added to img2img's
+  init latents) and the key of its per-step noise (`step_noise` with rng = the step keys). So a seed gives the same
+  image in `python -m sd_jax.sample`, evaluate, stages and the trainers' grids, whatever the batch size or sharding.
+
+  Args:
+    seed: an int, or the key PRNGKey(seed) (pass the key inside jit, so the seed is not a compile-time constant).
+    indices: int [N], the images' indices.
+    shape: one image's noise shape, e.g. (h, w, c) latents.
+  """
+  base = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+
+  def one(index):
+    noise_key, step_key = jax.random.split(jax.random.fold_in(base, index))
+    return jax.random.normal(noise_key, tuple(shape), jnp.float32), step_key
+
+  return jax.vmap(one)(jnp.asarray(indices, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,6 +563,129 @@ def guided_model_fn(model_fn: ModelFn, context=None, uncond_context=None, guidan
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def ddim_step(schedule: NoiseSchedule,
+              model_output,
+              t,
+              prev_t,
+              x_t,
+              noise=None,
+              *,
+              eta: float = 0.0,
+              prediction_type: str = "epsilon",
+              clip_sample: bool = False,
+              clip_sample_range: float = 1.0,
+              final_alpha_cumprod=1.0):
+  """One DDIM step x_t → x_prev, as diffusers' `DDIMScheduler.step` (use_clipped_model_output=False).
+
+  Args:
+    schedule: the training noise schedule.
+    model_output: ε̂, v̂ or x̂0 at (x_t, t), [B, ...].
+    t: current timestep, a scalar int (traced is fine).
+    prev_t: the timestep stepped to; < 0 means past the end (ᾱ_prev = final_alpha_cumprod).
+    x_t: current sample, [B, ...].
+    noise: z ~ N(0, I) of x_t's shape, used when eta > 0 (may be None when eta is 0).
+    eta: η of the DDIM paper (0 = deterministic).
+    prediction_type: "epsilon", "v_prediction" or "sample" (static).
+    clip_sample: clip x̂0 to ±clip_sample_range (diffusers' default is True; latents want False).
+    clip_sample_range: see clip_sample.
+    final_alpha_cumprod: ᾱ past the last step: 1 (diffusers' set_alpha_to_one=True) or ᾱ_0 (SD's scheduler).
+
+  Returns:
+    (x_prev, pred_x0), both float32 [B, ...].
+  """
+  schedules.check_prediction_type(prediction_type)
+  x_t = x_t.astype(jnp.float32)
+  model_output = model_output.astype(jnp.float32)
+  one = jnp.float32(1.0)
+
+  alpha_prod_t = schedule.alphas_cumprod[t]
+  alpha_prod_t_prev = jnp.where(prev_t >= 0, schedule.alphas_cumprod[jnp.maximum(prev_t, 0)],
+                                jnp.asarray(final_alpha_cumprod, jnp.float32))
+  beta_prod_t = one - alpha_prod_t
+  beta_prod_t_prev = one - alpha_prod_t_prev
+
+  if prediction_type == "epsilon":
+    pred_x0 = (x_t - jnp.sqrt(beta_prod_t) * model_output) / jnp.sqrt(alpha_prod_t)
+    pred_eps = model_output
+  elif prediction_type == "v_prediction":
+    pred_x0 = jnp.sqrt(alpha_prod_t) * x_t - jnp.sqrt(beta_prod_t) * model_output
+    pred_eps = jnp.sqrt(alpha_prod_t) * model_output + jnp.sqrt(beta_prod_t) * x_t
+  else:
+    pred_x0 = model_output
+    pred_eps = (x_t - jnp.sqrt(alpha_prod_t) * pred_x0) / jnp.sqrt(beta_prod_t)
+  if clip_sample:
+    pred_x0 = jnp.clip(pred_x0, -clip_sample_range, clip_sample_range)
+
+  # σ_t(η), eq. (16) of the DDIM paper.
+  variance = (beta_prod_t_prev / beta_prod_t) * (one - alpha_prod_t / alpha_prod_t_prev)
+  std_dev_t = eta * jnp.sqrt(variance)
+  direction = jnp.sqrt(one - alpha_prod_t_prev - std_dev_t**2) * pred_eps
+  x_prev = jnp.sqrt(alpha_prod_t_prev) * pred_x0 + direction
+  if not (isinstance(eta, (int, float)) and eta == 0):
+    x_prev = x_prev + std_dev_t * noise.astype(jnp.float32)
+  return x_prev, pred_x0
+
+
+def ddpm_step(schedule: NoiseSchedule,
+              model_output,
+              t,
+              prev_t,
+              x_t,
+              noise,
+              *,
+              prediction_type: str = "epsilon",
+              clip_sample: bool = True,
+              clip_sample_range: float = 1.0):
+  """One ancestral step x_t → x_prev, as diffusers' `DDPMScheduler.step` (fixed_small variance).
+
+  Args:
+    schedule: the training noise schedule.
+    model_output: ε̂, v̂ or x̂0 at (x_t, t), [B, ...].
+    t: current timestep, a scalar int (traced is fine).
+    prev_t: the timestep stepped to; < 0 means "past the end" (ᾱ_prev = 1).
+    x_t: current sample, [B, ...].
+    noise: z ~ N(0, I) of x_t's shape; ignored when t = 0.
+    prediction_type: "epsilon", "v_prediction" or "sample".
+    clip_sample: clip the predicted x0 to [-clip_sample_range, clip_sample_range] (diffusers' DDPM default).
+    clip_sample_range: see clip_sample.
+
+  Returns:
+    (x_prev, pred_x0), both float32 [B, ...].
+  """
+  schedules.check_prediction_type(prediction_type)
+  x_t = x_t.astype(jnp.float32)
+  model_output = model_output.astype(jnp.float32)
+  one = jnp.float32(1.0)
+
+  alpha_prod_t = schedule.alphas_cumprod[t]
+  alpha_prod_t_prev = jnp.where(prev_t >= 0, schedule.alphas_cumprod[jnp.maximum(prev_t, 0)], one)
+  beta_prod_t = one - alpha_prod_t
+  beta_prod_t_prev = one - alpha_prod_t_prev
+  # With strided timesteps a step spans several training steps: these are the α, β of that jump.
+  current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+  current_beta_t = one - current_alpha_t
+
+  if prediction_type == "epsilon":
+    pred_x0 = (x_t - jnp.sqrt(beta_prod_t) * model_output) / jnp.sqrt(alpha_prod_t)
+  elif prediction_type == "v_prediction":
+    pred_x0 = jnp.sqrt(alpha_prod_t) * x_t - jnp.sqrt(beta_prod_t) * model_output
+  else:
+    pred_x0 = model_output
+  if clip_sample:
+    pred_x0 = jnp.clip(pred_x0, -clip_sample_range, clip_sample_range)
+
+  # Posterior mean μ̃(x_t, x0), eq. (7) of Ho et al.
+  pred_x0_coeff = jnp.sqrt(alpha_prod_t_prev) * current_beta_t / beta_prod_t
+  current_sample_coeff = jnp.sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t
+  mean = pred_x0_coeff * pred_x0 + current_sample_coeff * x_t
+
+  # Posterior variance β̃ ("fixed_small"), clamped as diffusers does before its square root.
+  variance = jnp.maximum(beta_prod_t_prev / beta_prod_t * current_beta_t, 1e-20)
+  sigma = jnp.where(t > 0, jnp.sqrt(variance), 0.0)
+  x_prev = mean + sigma * noise.astype(jnp.float32)
+  return x_prev, pred_x0
+
+
 def _sigma_x0(prediction_type: str, model_output, x, sigma):
   """x̂0 in the σ (variance-exploding) parameterisation of the Euler schedulers."""
   if prediction_type == "epsilon":
@@ -471,13 +699,13 @@ def _step(config: SamplerConfig, schedule: NoiseSchedule, final_alpha_cumprod, c
   """One step of config's sampler: (x_next, x̂0 of this step)."""
   name = config.base_sampler
   if name == "ddim":
-    return ddim.ddim_step(schedule, model_output, coefs["t"], coefs["prev_t"], x, z, eta=config.eta,
-                          prediction_type=config.prediction_type, clip_sample=config.clip_sample,
-                          clip_sample_range=config.clip_sample_range, final_alpha_cumprod=final_alpha_cumprod)
+    return ddim_step(schedule, model_output, coefs["t"], coefs["prev_t"], x, z, eta=config.eta,
+                     prediction_type=config.prediction_type, clip_sample=config.clip_sample,
+                     clip_sample_range=config.clip_sample_range, final_alpha_cumprod=final_alpha_cumprod)
   if name == "ddpm":
-    return ddpm_sampler.ddpm_step(schedule, model_output, coefs["t"], coefs["prev_t"], x, z,
-                                  prediction_type=config.prediction_type, clip_sample=config.clip_sample,
-                                  clip_sample_range=config.clip_sample_range)
+    return ddpm_step(schedule, model_output, coefs["t"], coefs["prev_t"], x, z,
+                     prediction_type=config.prediction_type, clip_sample=config.clip_sample,
+                     clip_sample_range=config.clip_sample_range)
   if name in ("euler", "euler_a"):
     sigma = coefs["sigma"]
     pred_x0 = _sigma_x0(config.prediction_type, model_output, x, sigma)
@@ -523,7 +751,8 @@ def sample(model_fn: ModelFn,
     uncond_context: negative-prompt (or empty-prompt) context [B or 1, L, D] for classifier-free guidance, or None.
     guidance_scale: s of classifier-free guidance (see guided_model_fn).
     guidance_rescale: φ of guidance rescale (0 = off).
-    rng: PRNG key of the per-step noise; required by the stochastic samplers (ddpm, euler_a, ddim with eta > 0).
+    rng: key of the per-step noise, one [2] or one per image [B, 2] (see `step_noise`); required by the stochastic
+      samplers (ddpm, euler_a, ddim with eta > 0).
     init_latents: img2img: the clean latents [B, ...] to start from (None = txt2img).
     strength: img2img: how much of the schedule to run (static; see img2img_start).
     return_trajectory: also return x after every step run, [steps run, B, ...].

@@ -270,3 +270,12 @@ def snr(schedule: NoiseSchedule, t):
   """
   t = jnp.asarray(t)
   return (schedule.sqrt_alphas_cumprod[t] / schedule.sqrt_one_minus_alphas_cumprod[t])**2
+
+
+def schedule_from_config(diffusion_config) -> NoiseSchedule:
+  """The training noise schedule of a config's `diffusion` block (schedule, num_train_timesteps, beta_start,
+  beta_end, zero_terminal_snr, snr_shift)."""
+  d = diffusion_config
+  return make_schedule(d["schedule"], num_train_timesteps=d["num_train_timesteps"], beta_start=d["beta_start"],
+                       beta_end=d["beta_end"], rescale_zero_terminal_snr=d["zero_terminal_snr"],
+                       snr_shift=float(d.get("snr_shift", 1.0)))

@@ -395,7 +395,8 @@ class CLIPEncoder(nn.Module):
 
   def setup(self):
     layer_cls = layers.remat(CLIPEncoderLayer, self.remat_policy)
-    self.layers = [layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    self.layers = [layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                             attention_impl=self.attention_impl)
                    for _ in range(self.config.num_hidden_layers)]
 
   def __call__(self, x: Array, mask: Array | None = None,
@@ -423,7 +424,8 @@ class _ComputeFields(nn.Module):
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _encoder(self, cfg) -> CLIPEncoder:
-    return CLIPEncoder(cfg, attention_impl=self.attention_impl, remat_policy=self.remat_policy, name="encoder", **self._kw())
+    return CLIPEncoder(cfg, attention_impl=self.attention_impl, remat_policy=self.remat_policy, name="encoder",
+                       **self._kw())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,8 +524,8 @@ class CLIPTextModelWithProjection(_ComputeFields):
   config: CLIPTextConfig = CLIPTextConfig()
 
   def setup(self):
-    self.text_model = CLIPTextTransformer(config=self.config, attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                                          **self._kw())
+    self.text_model = CLIPTextTransformer(config=self.config, attention_impl=self.attention_impl,
+                                          remat_policy=self.remat_policy, **self._kw())
     std = self.config.hidden_size**-0.5 * self.config.initializer_factor
     self.text_projection = layers.dense(self.config.projection_dim, ("embed", "mlp"), name="text_projection",
                                         use_bias=False, kernel_init=nn.initializers.normal(std), **self._kw())

@@ -1,22 +1,10 @@
-"""Trainers, chosen by `config.trainer`.
+"""Trainers, chosen by `config.trainer`: each module defines `Task(config)`, a subclass of `base.Task`, the one
+typed interface the shared loop (sd_jax/train.py) talks to (sd_jax/trainers/base.py documents it).
 
-Each trainer module defines `Task(config)` with one small interface the shared loop in `sd_jax/train.py` uses:
-
-  init_params(rng) -> params            logically-boxed Flax params (for eval_shape and sharded init)
-  loss(params, frozen, batch, keys) -> (loss, metrics)
-                                        pure; `keys` holds one PRNG key per example [B, 2] so that the noise
-                                        drawn does not depend on how the batch is split over devices; `frozen`
-                                        is the task's frozen networks (None if it has none)
-  eval_metrics(params, frozen, batch, keys) -> metrics
-                                        (optional) per-batch held-out metrics, averaged by the loop
-  on_eval(step, state, ctx)             (optional) host-side evaluation: sample grids, images, extra metrics;
-                                        ctx.frozen, ctx.workdir, ctx.writer, ctx.mesh, ctx.eval_iterator_fn
-  frozen_abstract() -> boxed tree       (optional) logically-boxed shapes of networks that are used but not
-  load_frozen() -> numpy tree           trained (a latent-diffusion run's VAE and text tower): the loop shards
-                                        them once, passes them to every step, and never saves them
-  export(host_state, ctx)               (optional) at the end of training, with the state as numpy arrays on
-                                        every process: write the finished model to ctx.workdir/"export" as an
-                                        sd_jax model directory (sd_jax/weights/store.py) for the next stage
+  vae    the KL autoencoder (reconstruction + KL, optional LPIPS and patch discriminator)
+  clip   CLIP text and image towers trained contrastively (softmax or sigmoid loss; LiT with a locked image tower)
+  ldm    the cross-attention U-Net on a frozen VAE's latents, conditioned on a (frozen or tuned) text tower
+  ddpm   the U-Net in pixel space, unconditional or class-conditional
 """
 
 import importlib

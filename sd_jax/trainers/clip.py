@@ -17,15 +17,16 @@ the seeded init gave.
 
 Tokenizer: with `dataset.tokenizer` empty, a CLIP-style BPE is trained on the train split's captions when the Task is
 built (deterministic: every process trains the same one, checked across processes) into a local cache directory
-named by a hash of the captions and settings, and `config.dataset.tokenizer` is set to it so that the loop's data
-iterators tokenize with it. It is copied to WORKDIR/tokenizer and WORKDIR/export/tokenizer. The text tower's vocab
-size and special-token ids come from the tokenizer.
+named by a hash of the captions and settings; `Task.dataset_config()` is config.dataset with `tokenizer` pointing at
+it, so that the loop's data iterators tokenize with it (and WORKDIR/config.json records it). It is copied to
+WORKDIR/tokenizer and WORKDIR/export/tokenizer. The text tower's vocab size and special-token ids come from the
+tokenizer.
 
 Evaluation: the held-out contrastive loss (eval_metrics); zero-shot colour+kind classification of single-shape
 images against every colour x kind prompt (shapes only); text<->image retrieval R@k on held-out pairs.
 
 Export (end of training): WORKDIR/export/ is an sd_jax model directory (weights/store.py) with
-  text_encoder/   the text tower (transformers CLIPTextModel layout)  -> input_pipeline.load_model(..., ("text_encoder",))
+  text_encoder/   the text tower (transformers CLIPTextModel layout)  -> model_dir.load_model(..., ("text_encoder",))
   tokenizer/      the tokenizer                                       -> tokenizer.load_clip_tokenizer(...)
   clip/           both towers, projections, logit scale (and bias)    -> clip_weights.load_exported_clip(...) here
 `clip/` is not listed in sd_jax_model.json: weights/input_pipeline.py has no codec for a two-tower CLIPModel, and the
@@ -44,6 +45,7 @@ import tempfile
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -55,6 +57,7 @@ from sd_jax import parallel
 from sd_jax.data import input_pipeline
 from sd_jax.data import tokenizer as tokenizer_lib
 from sd_jax.models import clip as clip_lib
+from sd_jax.trainers import base
 from sd_jax.weights import clip as clip_weights
 from sd_jax.weights import store
 
@@ -240,8 +243,8 @@ def shapes_prompts(templates) -> list[str]:
 # The task
 
 
-class Task:
-  """The clip trainer's model, loss, evaluation and export (see sd_jax/trainers/__init__.py for the interface)."""
+class Task(base.Task):
+  """The clip trainer's model, loss, evaluation and export (the interface: sd_jax/trainers/base.py)."""
 
   def __init__(self, config):
     c = config.clip
@@ -252,22 +255,17 @@ class Task:
                        "batch only; the clip trainer needs the global batch: use parallelism='jit'.")
     if not (config.dataset.text_key or config.dataset.label_key):
       raise ValueError("the clip trainer needs captions: set config.dataset.text_key (or label_key).")
-    self.config = config
-    # The loop builds its data iterators from config.dataset after this constructor: pointing
-    # dataset.tokenizer at the tokenizer here is how the batches get "tokens" (and config.json records it).
-    config.dataset.tokenizer = prepare_tokenizer(config)
-    _check_same_on_all_processes(config.dataset.tokenizer)
-    self.tokenizer = tokenizer_lib.load_clip_tokenizer(config.dataset.tokenizer,
-                                                       max_length=config.dataset.max_text_len)
+    super().__init__(config)
+    # The batches get "tokens" from this run's tokenizer: the dataset the loop reads names it (dataset_config).
+    self.dataset = ml_collections.ConfigDict(config.dataset.to_dict())
+    self.dataset.tokenizer = prepare_tokenizer(config)
+    _check_same_on_all_processes(self.dataset.tokenizer)
+    self.tokenizer = tokenizer_lib.load_clip_tokenizer(self.dataset.tokenizer, max_length=self.dataset.max_text_len)
     self.model = build_model(config, self.tokenizer)
     self.locked = bool(c.lock_image_tower)
     if c.image_tower_from and not self.locked:
       raise ValueError("config.clip.image_tower_from is the locked (LiT) image tower's source; set "
                        "config.clip.lock_image_tower=True, or use config.init_from to fine-tune every weight.")
-    if self.locked:
-      # Only a LiT run has frozen networks; the loop looks these methods up with hasattr.
-      self.frozen_abstract = self._frozen_abstract
-      self.load_frozen = self._load_frozen
     self._max_log_scale = math.log(c.max_logit_scale) if c.max_logit_scale > 0 else None
     self._eval_fns = {}    # jitted embedding functions, compiled at the first evaluation
     self._ground_truth = {}  # split -> (captions, shapes attributes), read once
@@ -283,13 +281,21 @@ class Task:
       params = {k: v for k, v in params.items() if k not in VISION_KEYS}
     return params
 
-  def _frozen_abstract(self):
+  def dataset_config(self):
+    return self.dataset
+
+  def frozen_abstract(self):
+    """The locked image tower of a LiT run; None (no frozen networks) otherwise."""
+    if not self.locked:
+      return None
     shapes = jax.eval_shape(self._init_all, jax.random.PRNGKey(0))
     return {k: shapes[k] for k in VISION_KEYS}
 
-  def _load_frozen(self):
+  def load_frozen(self):
     """The locked image tower: from an earlier run's export (clip.image_tower_from), else the seeded init."""
-    want = nn.meta.unbox(self._frozen_abstract())
+    if not self.locked:
+      return None
+    want = nn.meta.unbox(self.frozen_abstract())
     source = self.config.clip.image_tower_from
     if source:
       _, params = clip_weights.load_exported_clip(source)
@@ -333,7 +339,7 @@ class Task:
       metrics["logit_bias"] = params["logit_bias"]
     return loss, metrics
 
-  def loss(self, params, frozen, batch, keys):
+  def loss(self, params, frozen, batch, keys, step=None):
     del keys  # deterministic: no dropout, no noise
     return self._contrastive(params, frozen, batch)
 
@@ -365,8 +371,8 @@ class Task:
     fn = self._eval_fn("pairs", ctx)
     sharding = parallel.batch_sharding(ctx.mesh, parallel.rules_tuple(config.logical_axis_rules))
     # Padded so every host runs the same number of equal-sized steps; the padding rows lie past `num`.
-    it = input_pipeline.create_iterator(config.dataset, split=split, global_batch_size=config.batch_size, seed=config.seed,
-                                  train=False, pad_remainder=True)
+    it = input_pipeline.create_iterator(self.dataset, split=split, global_batch_size=config.batch_size,
+                                        seed=config.seed, train=False, pad_remainder=True)
     texts, images, seen = [], [], 0
     try:
       for local_batch in it:
@@ -384,7 +390,7 @@ class Task:
   def _split_ground_truth(self, split, num):
     """Captions and, for shapes, (num_shapes, colour, kind of the first shape) of the first `num` examples."""
     if split not in self._ground_truth:
-      dataset = self.config.dataset
+      dataset = self.dataset
       info = input_pipeline.dataset_info(dataset, split)
       captions = [info.captions(i) for i in range(num)]
       attributes = None
@@ -413,7 +419,7 @@ class Task:
     clip.eval_examples examples of `split`."""
     from sd_jax.data import shapes
     config = self.config
-    size = input_pipeline.dataset_info(config.dataset, split).num_examples
+    size = input_pipeline.dataset_info(self.dataset, split).num_examples
     num = size if config.clip.eval_examples < 0 else min(config.clip.eval_examples, size)
     texts, images = self._embed_split(split, num, params, ctx)
     captions, attributes = self._split_ground_truth(split, num)
@@ -434,11 +440,10 @@ class Task:
                      zeroshot_kind_acc=float(np.mean(kind_ok)), zeroshot_examples=float(np.sum(single)))
     return results
 
-  def on_eval(self, step, state, ctx):
+  def on_eval(self, step, params, ctx):
     """eval_zeroshot_* and eval_{t2i,i2t}_r{k} on dataset.eval_split; eval_{split}_zeroshot_* on the extra splits."""
     del step
     self._save_tokenizer(ctx.workdir / "tokenizer")
-    params = state.ema_params if state.ema_params is not None else state.params
     shapes_data = self.config.dataset.name == "shapes"
     class_embeds = self._class_embeds(params, ctx) if shapes_data else None
     results = {f"eval_{k}": v for k, v in self.evaluate_split(
@@ -452,7 +457,7 @@ class Task:
 
   def _save_tokenizer(self, dst) -> None:
     if jax.process_index() == 0:
-      _copy_tokenizer(self.config.dataset.tokenizer, epath.Path(dst))
+      _copy_tokenizer(self.dataset.tokenizer, epath.Path(dst))
 
   def export(self, host_state, ctx):
     """WORKDIR/export/: text_encoder/ (+ tokenizer/) for the latent-diffusion run, clip/ for scoring and LiT."""
@@ -471,7 +476,8 @@ class Task:
     store.save_component(out, TEXT_COMPONENT, clip_lib.clip_config_to_transformers(text_config),
                          params["text_model"], overwrite=True)
     if self.config.clip.export_clip:
-      store.save_component(out, CLIP_COMPONENT, clip_weights.clip_component_config(self.model.config), params, overwrite=True)
+      store.save_component(out, CLIP_COMPONENT, clip_weights.clip_component_config(self.model.config), params,
+                           overwrite=True)
     self._save_tokenizer(out / "tokenizer")
     self._save_tokenizer(epath.Path(ctx.workdir) / "tokenizer")
     if jax.process_index() == 0:

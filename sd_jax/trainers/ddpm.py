@@ -1,7 +1,8 @@
 """Pixel-space diffusion (Ho et al. 2020) with the Stable Diffusion U-Net: unconditional or class-conditional.
 
 The model predicts epsilon or v from x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, with a uniformly sampled t; the loss is
-the (optionally min-SNR-weighted) MSE. Evaluation: held-out loss, and a grid of samples drawn with the EMA params.
+the (optionally min-SNR-weighted) MSE. Evaluation: held-out loss, and a grid of samples drawn with the EMA params by
+sd_jax/diffusion/samplers.py (the sampler settings of config.sample, by default diffusers' DDPMScheduler).
 """
 
 from __future__ import annotations
@@ -11,29 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from sd_jax.diffusion import ddpm_sampler
+from sd_jax import images as images_lib
 from sd_jax.diffusion import losses
+from sd_jax.diffusion import samplers
 from sd_jax.diffusion import schedules
 from sd_jax.models import unet as unet_lib
-from sd_jax import images as images_lib
-from sd_jax import train as train_lib
+from sd_jax.trainers import base
 
 
-def make_schedule(diffusion_config) -> schedules.NoiseSchedule:
-  return schedules.make_schedule(
-      diffusion_config.schedule, num_train_timesteps=diffusion_config.num_train_timesteps,
-      beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end,
-      rescale_zero_terminal_snr=diffusion_config.zero_terminal_snr,
-      snr_shift=float(diffusion_config.get("snr_shift", 1.0)))
-
-
-class Task:
-  """The ddpm trainer's model, loss and evaluation (see sd_jax/trainers/__init__.py for the interface)."""
+class Task(base.Task):
+  """The ddpm trainer's model, loss and evaluation (the interface: sd_jax/trainers/base.py)."""
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.model = unet_lib.create_unet(config.model)
-    self.schedule = make_schedule(config.diffusion)
+    self.schedule = schedules.schedule_from_config(config.diffusion)
+    self.sampler_config = samplers.config_from_training(config.diffusion, config.sample,
+                                                        sampler=config.sample.get("sampler", "ddpm"))
     self.resolution = config.dataset.resolution
     self.class_conditional = bool(config.model.get("num_class_embeds"))
     self._sample_fn = None  # the jitted sample-grid function, compiled at the first evaluation
@@ -58,7 +53,7 @@ class Task:
     return losses.diffusion_loss(model_output, x0, noise, t, self.schedule, prediction_type=d.prediction_type,
                                  min_snr_gamma=d.min_snr_gamma, reduce=False)
 
-  def loss(self, params, frozen, batch, keys):
+  def loss(self, params, frozen, batch, keys, step=None):
     del frozen  # pixel-space: no frozen networks
     per_example = self._per_example(params, batch, keys)
     return jnp.mean(per_example), {}
@@ -67,35 +62,27 @@ class Task:
     del frozen
     return {"loss": jnp.mean(self._per_example(params, batch, keys))}
 
-  def sample(self, params, rng, num_images: int, labels=None, num_steps: int | None = None):
-    """Images in [-1, 1], [N, H, W, C], with ancestral DDPM sampling."""
-    d = self.config.diffusion
-    shape = (num_images, self.resolution, self.resolution, self.config.model.out_channels)
+  def sample(self, params, seed, num_images: int, labels=None, num_steps: int | None = None):
+    """Images in [-1, 1], [N, H, W, C]: images 0..N-1 of `seed` (samplers.image_noise), drawn with config.sample's
+    sampler settings. Call inside jax.jit (pass the seed as PRNGKey(seed) there)."""
+    shape = (self.resolution, self.resolution, self.config.model.out_channels)
+    noise, step_keys = samplers.image_noise(seed, jnp.arange(num_images), shape)
 
-    def model_fn(x_t, t):
+    def model_fn(x_t, t, context):
+      del context  # pixel-space: unconditional or class-conditional
       return self.model.apply({"params": params}, x_t, t, class_labels=labels)
 
-    return ddpm_sampler.ddpm_sample(model_fn, self.schedule, rng, shape,
-                                    num_inference_steps=num_steps or self.config.sample.num_steps,
-                                    prediction_type=d.prediction_type, clip_sample=True)
+    return samplers.sample(model_fn, noise, config=self.sampler_config,
+                           num_steps=num_steps or self.config.sample.num_steps, rng=step_keys)
 
-  def on_eval(self, step, state, ctx):
-    """Writes a sample grid with the EMA params to WORKDIR/samples/ and TensorBoard."""
-    if not train_lib.due(step, self.config.sample_every_steps, step == self.config.total_steps):
-      return {}
-    params = state.ema_params if state.ema_params is not None else state.params
+  def sample_grid(self, params, ctx):
+    """config.sample.num_images samples (class-conditional: the classes in turn), seed config.seed."""
     n = self.config.sample.num_images
     labels = (jnp.arange(n) % self.config.model.num_class_embeds) if self.class_conditional else None
     if self._sample_fn is None:
-      self._sample_fn = jax.jit(lambda p, r: self.sample(p, r, n, labels))
+      self._sample_fn = jax.jit(lambda p, key: self.sample(p, key, n, labels))
     images = np.asarray(jax.device_get(self._sample_fn(params, jax.random.PRNGKey(self.config.seed))))
-    grid = images_lib.make_grid(images_lib.to_uint8(images))
-    if jax.process_index() == 0:
-      out = epath.Path(ctx.workdir) / "samples"
-      out.mkdir(parents=True, exist_ok=True)
-      images_lib.save_png(grid, out / f"step_{step:07d}.png")
-      ctx.writer.write_image(step, "samples", grid)
-    return {}
+    return images_lib.make_grid(images_lib.to_uint8(images))
 
   def export(self, host_state, ctx):
     """WORKDIR/export/unet: the EMA U-Net as an sd_jax model component (diffusers UNet2DModel config), ready for

@@ -50,11 +50,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sd_jax import images as images_lib
 from sd_jax import parallel
-from sd_jax import train as train_lib
 from sd_jax.data import input_pipeline
 from sd_jax.models import discriminator as disc_lib
 from sd_jax.models import lpips as lpips_lib
 from sd_jax.models import vae as vae_lib
+from sd_jax.trainers import base
 from sd_jax.weights import store
 
 EXPORT_DIR = "export"  # WORKDIR/export: the sd_jax model directory the next stage loads
@@ -97,11 +97,13 @@ def _frobenius(x: jax.Array) -> jax.Array:
 # The task
 
 
-class Task:
-  """The vae trainer's model, loss, evaluation and export (see sd_jax/trainers/__init__.py for the interface)."""
+class Task(base.Task):
+  """The vae trainer's model, loss, evaluation and export (the interface: sd_jax/trainers/base.py)."""
+
+  grid_tag = "reconstructions"
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.losses = config.losses
     self.model = vae_lib.create_vae(config.model)
     self.resolution = config.dataset.resolution
@@ -257,17 +259,12 @@ class Task:
     return {"psnr": jnp.mean(psnr(recon, x)), "l1": jnp.mean(jnp.abs(recon - x)),
             "l2": jnp.mean(jnp.square(recon - x)), "kl": jnp.mean(posterior.kl())}
 
-  def _batch_sharding(self, ctx):
-    return parallel.batch_sharding(ctx.mesh, parallel.rules_tuple(self.config.logical_axis_rules))
-
-  def on_eval(self, step, state, ctx):
-    """Writes originals (top row) over their reconstructions to WORKDIR/samples/ and TensorBoard."""
-    if not train_lib.due(step, self.config.sample_every_steps, step == self.config.total_steps):
-      return {}
-    params = (state.ema_params if state.ema_params is not None else state.params)["vae"]
+  def sample_grid(self, params, ctx):
+    """Originals of the first held-out batch (top row) over their reconstructions."""
+    params = params["vae"]
     iterator = ctx.eval_iterator_fn()
     try:
-      batch = parallel.host_batch_to_global(next(iterator), self._batch_sharding(ctx))
+      batch = parallel.host_batch_to_global(next(iterator), ctx.batch_sharding)
     finally:
       iterator.close()
     n = min(self.config.sample.num_images, batch["image"].shape[0])
@@ -276,13 +273,7 @@ class Task:
       self._recon_fn = jax.jit(lambda p, x: (x[:n], self.reconstruct(p, x)[0][:n]),
                                out_shardings=NamedSharding(ctx.mesh, P()))
     originals, recon = jax.device_get(self._recon_fn(params, batch["image"]))
-    grid = images_lib.make_grid(images_lib.to_uint8(np.concatenate([originals, recon])), columns=n)
-    if jax.process_index() == 0:
-      out = epath.Path(ctx.workdir) / "samples"
-      out.mkdir(parents=True, exist_ok=True)
-      images_lib.save_png(grid, out / f"step_{step:07d}.png")
-      ctx.writer.write_image(step, "reconstructions", grid)
-    return {}
+    return images_lib.make_grid(images_lib.to_uint8(np.concatenate([originals, recon])), columns=n)
 
   # -- export ----------------------------------------------------------------------------------------------------
 
@@ -290,7 +281,7 @@ class Task:
     """Mean and std of posterior-mode latents over `config.export.scale_batches` training batches (in order,
     without augmentation), and the scaling factor 1 / std that makes them unit-variance for the diffusion model."""
     config = self.config
-    sharding = self._batch_sharding(ctx)
+    sharding = ctx.batch_sharding
     replicated = NamedSharding(ctx.mesh, P())
     vae_params = jax.tree.map(
         lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda index: np.asarray(x)[index]),

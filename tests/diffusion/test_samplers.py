@@ -9,6 +9,7 @@ stochastic samplers get the same per-step noise on both sides: our `step_noise` 
 """
 
 import dataclasses
+import json
 import functools
 import types
 
@@ -436,7 +437,7 @@ def test_config_from_diffusers():
   assert samplers.config_from_diffusers(dataclasses.asdict(euler), sampler="ddim").karras is False
   diffusion = {"schedule": "cosine", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                "prediction_type": "v_prediction", "zero_terminal_snr": True, "min_snr_gamma": 5.0}
-  trained = samplers.config_from_training(diffusion, "euler_a")
+  trained = samplers.config_from_training(diffusion, sampler="euler_a")
   assert (trained.sampler, trained.beta_schedule, trained.prediction_type, trained.rescale_betas_zero_snr,
           trained.timestep_spacing) == ("euler_a", "cosine", "v_prediction", True, "trailing")
   assert samplers.inference_timesteps(trained, 10)[0] == 999
@@ -445,8 +446,27 @@ def test_config_from_diffusers():
   assert shifted.trained_betas == SHIFTED["trained_betas"]
   assert shifted == samplers.config_from_training({**diffusion, "schedule": "scaled_linear", "beta_start": 0.00085,
                                                    "beta_end": 0.012, "prediction_type": "epsilon",
-                                                   "zero_terminal_snr": False, "snr_shift": 16.0}, "dpmpp_2m")
+                                                   "zero_terminal_snr": False, "snr_shift": 16.0}, sampler="dpmpp_2m")
   hash(shifted)
+  # A training config's sample block sets the sampler and its settings (over the zero-SNR defaults), and the
+  # scheduler_config.json an export writes reads back to the same settings.
+  sample = {"sampler": "ddim", "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+            "eta": 0.5, "num_steps": 25, "guidance_scale": 4.0}
+  grid = samplers.config_from_training(diffusion, sample)
+  assert (grid.sampler, grid.timestep_spacing, grid.steps_offset, grid.set_alpha_to_one, grid.eta) == (
+      "ddim", "leading", 1, False, 0.5)
+  def canonical(config):  # "cosine" is diffusers' "squaredcos_cap_v2"
+    return dataclasses.replace(config, beta_schedule={"cosine": "squaredcos_cap_v2"}.get(config.beta_schedule,
+                                                                                          config.beta_schedule))
+
+  for config in (grid, trained, shifted):
+    written = json.loads(json.dumps(samplers.to_diffusers_config(config)))
+    assert canonical(samplers.config_from_diffusers(written, eta=config.eta)) == canonical(config)
+  karras = samplers.config_from_training(diffusion, {**sample, "eta": 0.0}, sampler="dpmpp_2m_karras")
+  read = samplers.config_from_diffusers(json.loads(json.dumps(samplers.to_diffusers_config(karras))))
+  assert (read.base_sampler, read.karras, read.timestep_spacing) == ("dpmpp_2m", True, "leading")
+  with pytest.raises(TypeError, match="sampler="):
+    samplers.config_from_training(diffusion, "euler_a")
 
 
 def test_bad_settings_fail_clearly():
@@ -472,3 +492,23 @@ def test_bad_settings_fail_clearly():
   with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
     samplers.inference_timesteps(SamplerConfig(sampler="ddim", rescale_betas_zero_snr=True, steps_offset=0,
                                                timestep_spacing="trailing"), 5)
+
+
+def test_image_noise_is_keyed_per_image():
+  """Image i of a seed draws the same initial noise and step noise whichever batch it is drawn in."""
+  shape = (2, 2, 3)
+  noise, keys = samplers.image_noise(3, jnp.arange(4), shape)
+  later, later_keys = samplers.image_noise(jax.random.PRNGKey(3), jnp.arange(2, 6), shape)
+  assert noise.shape == (4, *shape) and keys.shape == (4, 2)
+  np.testing.assert_array_equal(noise[2:], later[:2])
+  np.testing.assert_array_equal(samplers.step_noise(keys, 7, (4, *shape))[2:],
+                                samplers.step_noise(later_keys, 7, (4, *shape))[:2])
+  assert not np.allclose(noise[0], noise[1])
+  assert not np.allclose(noise, samplers.image_noise(4, jnp.arange(4), shape)[0])
+  # A stochastic sampler on per-image keys: an image does not depend on the rest of its batch.
+  config = SamplerConfig(sampler="euler_a")
+  model_fn = lambda x, t, c: 0.1 * x  # noqa: E731
+  whole = samplers.sample(model_fn, noise, config=config, num_steps=4, rng=keys)
+  part = samplers.sample(model_fn, later[:2], config=config, num_steps=4, rng=later_keys[:2])
+  np.testing.assert_allclose(whole[2:], part, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(whole[:2], samplers.sample(model_fn, noise[:2], config=config, num_steps=4, rng=keys[2:]))

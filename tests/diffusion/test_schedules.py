@@ -1,4 +1,4 @@
-"""Noise schedules, eps/v/x0 conversions, and the ancestral DDPM sampler built on them.
+"""Noise schedules, eps/v/x0 conversions, and the ancestral DDPM sampler (samplers.py, sampler="ddpm") built on them.
 
 References are derived here independently with plain float64 NumPy formulas.
 """
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax.diffusion import ddpm_sampler
+from sd_jax.diffusion import samplers
 from sd_jax.diffusion import schedules
 
 T = 1000
@@ -24,7 +24,7 @@ def _reference_betas(kind, n=T, beta_start=0.0001, beta_end=0.02):
   if kind == "scaled_linear":
     return np.linspace(np.sqrt(beta_start), np.sqrt(beta_end), n)**2
   # Nichol & Dhariwal: ᾱ(s) = cos²((s + 0.008) / 1.008 · π/2), β_i = min(1 - ᾱ((i+1)/n) / ᾱ(i/n), 0.999).
-  alpha_bar = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2)**2
+  alpha_bar = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2)**2  # noqa: E731
   i = np.arange(n)
   return np.minimum(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999)
 
@@ -212,13 +212,13 @@ def test_broadcasting_dtypes_and_jit():
 
 
 def test_ddpm_timesteps_leading_spacing():
-  np.testing.assert_array_equal(ddpm_sampler.ddpm_timesteps(1000), np.arange(1000)[::-1])
-  ts = ddpm_sampler.ddpm_timesteps(1000, 50)
+  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 1000), np.arange(1000)[::-1])
+  ts = samplers.ddim_timesteps(1000, 50)
   np.testing.assert_array_equal(ts, np.arange(980, -1, -20))
-  np.testing.assert_array_equal(ddpm_sampler.previous_timesteps(ts), np.append(np.arange(960, -1, -20), -1))
-  np.testing.assert_array_equal(ddpm_sampler.ddpm_timesteps(1000, 3, steps_offset=1), [667, 334, 1])
+  np.testing.assert_array_equal(samplers.previous_timesteps(ts), np.append(np.arange(960, -1, -20), -1))
+  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 3, steps_offset=1), [667, 334, 1])
   with pytest.raises(ValueError):
-    ddpm_sampler.ddpm_timesteps(1000, 1001)
+    samplers.ddim_timesteps(1000, 1001)
 
 
 POINT_SHAPE = (2, 4, 4, 3)  # [B, H, W, C]
@@ -232,7 +232,9 @@ def _gaussian_oracle(schedule, mean, std, prediction_type):
   E[x0 | x_t] = mean + sqrt(ᾱ) std² (x_t - sqrt(ᾱ) mean) / Var[x_t]; v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0.
   """
 
-  def model_fn(x_t, t):
+  def model_fn(x_t, t, context=None):
+    del context
+    t = t.astype(jnp.int32)  # the samplers pass float32 timesteps
     a = schedule.sqrt_alphas_cumprod[t][:, None, None, None]
     s = schedule.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
     var_x_t = a**2 * std**2 + s**2
@@ -245,13 +247,20 @@ def _gaussian_oracle(schedule, mean, std, prediction_type):
 
 
 @functools.lru_cache()
-def _oracle_sampler(shape, steps, prediction_type, clip_sample):
-  """Jitted sampler with the schedule and the data as arguments: one compile per static combination."""
+def _oracle_sampler(shape, steps, prediction_type, clip_sample, kind="linear", kwargs=()):
+  """Jitted DDPM (diffusers' DDPMScheduler: leading spacing from 0, β̃ variance) of the exact model of the data,
+  with the data and the seed's key as arguments: one compile per static combination."""
+  kwargs = dict(kwargs)
+  config = samplers.SamplerConfig(
+      sampler="ddpm", beta_schedule=kind, beta_start=kwargs.get("beta_start", 0.0001),
+      beta_end=kwargs.get("beta_end", 0.02), rescale_betas_zero_snr=kwargs.get("rescale_zero_terminal_snr", False),
+      prediction_type=prediction_type, timestep_spacing="leading", steps_offset=0, clip_sample=clip_sample)
+  schedule = schedules.make_schedule(kind, **kwargs)
 
-  def sample(schedule, mean, std, rng):
-    return ddpm_sampler.ddpm_sample(_gaussian_oracle(schedule, mean, std, prediction_type), schedule, rng, shape,
-                                    num_inference_steps=steps, prediction_type=prediction_type,
-                                    clip_sample=clip_sample)
+  def sample(mean, std, rng):
+    noise, step_keys = samplers.image_noise(rng, jnp.arange(shape[0]), shape[1:])
+    return samplers.sample(_gaussian_oracle(schedule, mean, std, prediction_type), noise, config=config,
+                           num_steps=steps or T, rng=step_keys)
 
   return jax.jit(sample)
 
@@ -266,9 +275,9 @@ def _oracle_sampler(shape, steps, prediction_type, clip_sample):
     ("scaled_linear", dict(SD_BETAS, rescale_zero_terminal_snr=True)),
 ])
 def test_ddpm_sampler_recovers_point_mass(kind, kwargs, steps, prediction_type):
-  schedule = schedules.make_schedule(kind, **kwargs)
   x_star = jax.random.uniform(jax.random.PRNGKey(7), POINT_SHAPE, minval=-0.9, maxval=0.9)
-  out = _oracle_sampler(POINT_SHAPE, steps, prediction_type, True)(schedule, x_star, 0.0, jax.random.PRNGKey(0))
+  out = _oracle_sampler(POINT_SHAPE, steps, prediction_type, True, kind, tuple(sorted(kwargs.items())))(
+      x_star, 0.0, jax.random.PRNGKey(0))
   assert out.shape == POINT_SHAPE and out.dtype == jnp.float32
   np.testing.assert_allclose(out, x_star, atol=1e-2)
 
@@ -279,7 +288,7 @@ GAUSS_MEAN, GAUSS_STD = 0.3, 0.5
 @functools.lru_cache()
 def _gaussian_samples(seed, steps):
   sample = _oracle_sampler(GAUSS_SHAPE, steps, "epsilon", False)
-  return np.asarray(sample(schedules.make_schedule("linear"), GAUSS_MEAN, GAUSS_STD, jax.random.PRNGKey(seed)))
+  return np.asarray(sample(GAUSS_MEAN, GAUSS_STD, jax.random.PRNGKey(seed)))
 
 
 def _reference_ancestral_moments(steps):
@@ -318,7 +327,7 @@ def test_ddpm_sampler_matches_exact_ancestral_moments(steps):
 
 def test_ddpm_sampler_is_deterministic_per_key():
   sample = _oracle_sampler(GAUSS_SHAPE, 10, "epsilon", False)
-  again = np.asarray(sample(schedules.make_schedule("linear"), GAUSS_MEAN, GAUSS_STD, jax.random.PRNGKey(0)))
+  again = np.asarray(sample(GAUSS_MEAN, GAUSS_STD, jax.random.PRNGKey(0)))
   np.testing.assert_array_equal(_gaussian_samples(0, 10), again)
   assert np.abs(_gaussian_samples(0, 10) - _gaussian_samples(1, 10)).mean() > 0.1
 
@@ -328,17 +337,17 @@ def test_ddpm_step_last_step_is_noiseless_and_clips():
   x_t = jnp.full((1, 2, 2, 1), 0.5)
   big_noise = jnp.full_like(x_t, 100.0)
   # At t = 0 (ᾱ_prev = 1) the step returns the predicted x0 itself and ignores the noise.
-  x_prev, pred_x0 = ddpm_sampler.ddpm_step(schedule, jnp.full_like(x_t, 3.0), 0, -1, x_t, big_noise,
+  x_prev, pred_x0 = samplers.ddpm_step(schedule, jnp.full_like(x_t, 3.0), 0, -1, x_t, big_noise,
                                            prediction_type="sample")
   np.testing.assert_allclose(pred_x0, 1.0)  # clipped
   np.testing.assert_allclose(x_prev, 1.0, atol=1e-6)
-  x_prev, _ = ddpm_sampler.ddpm_step(schedule, jnp.full_like(x_t, 3.0), 0, -1, x_t, big_noise,
+  x_prev, _ = samplers.ddpm_step(schedule, jnp.full_like(x_t, 3.0), 0, -1, x_t, big_noise,
                                      prediction_type="sample", clip_sample=False)
   np.testing.assert_allclose(x_prev, 3.0, atol=1e-5)
   # At t > 0 the noise enters with the posterior std β̃_t^(1/2).
   ab = np.asarray(schedule.alphas_cumprod, np.float64)
   beta_tilde = (1 - ab[9]) / (1 - ab[10]) * (1 - ab[10] / ab[9])
-  zero, one = [ddpm_sampler.ddpm_step(schedule, jnp.zeros_like(x_t), 10, 9, x_t, n)[0]
+  zero, one = [samplers.ddpm_step(schedule, jnp.zeros_like(x_t), 10, 9, x_t, n)[0]
                for n in (jnp.zeros_like(x_t), jnp.ones_like(x_t))]
   np.testing.assert_allclose(one - zero, np.sqrt(beta_tilde), rtol=1e-4)
 
