@@ -14,7 +14,7 @@ What it does:
      config.json, with --dataset KEY=VALUE overrides; for --pretrained the --dataset keys alone), or the first N
      lines of --prompts_file. Every prompt gets one image.
   2. Images: `sd_jax.generate.TextToImage.generate` with --sampler / --steps / --guidance / --seed, --batch_size images
-     per compiled call (batch b's noise from fold_in(PRNGKey(seed), b), as `python -m sd_jax.sample`: the same
+     per compiled call (image i's noise from fold_in(PRNGKey(seed), i), as `python -m sd_jax.sample`: the same
      flags give the same images), at the model's resolution (the U-Net's sample_size × the VAE's factor).
   3. Metrics (--metrics, comma-separated):
        fid, kid         Fréchet / kernel (KID) distance of Inception-v3 pool features (sd_jax/eval/fid.py) between

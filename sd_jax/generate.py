@@ -28,12 +28,12 @@ small next to the noise added below.) Of the `steps`-step schedule only the last
 run, from z = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t) ε at the first of them (σ-parameterised samplers: z0 + σ_t ε):
 strength 1 keeps the image only through that noisy start, small strengths stay close to it.
 
-Randomness: batch b (of `batch_size` images) uses key_b = fold_in(PRNGKey(seed), b), split into the key of its
-initial noise ε ~ N(0, I) (x_T, or the noise added to the init latents) and the key of the per-step noise of the
-stochastic samplers (DDIM with η > 0, DDPM, Euler-a). So a seed and a batch size give the same images every time.
-When the batch divides the number of local devices it runs sharded over them (the batch on a "data" mesh axis,
-parameters replicated); the noise does not depend on the sharding, the images agree with a one-device run to float
-rounding.
+Randomness: image i of a call (prompt-major) uses key_i = fold_in(PRNGKey(seed), i) (samplers.image_noise), split
+into the key of its initial noise ε ~ N(0, I) (x_T, or the noise added to the init latents) and the key of its
+per-step noise in the stochastic samplers (DDIM with η > 0, DDPM, Euler-a). So a seed gives the same images every
+time, whatever the batch size, and the same image as the trainer's sample grids and every other tool. When the batch
+divides the number of local devices it runs sharded over them (the batch on a "data" mesh axis, parameters
+replicated); the noise does not depend on the sharding, the images agree with a one-device run to float rounding.
 """
 
 from __future__ import annotations
