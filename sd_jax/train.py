@@ -30,6 +30,7 @@ from sd_jax import metrics as metrics_lib
 from sd_jax import parallel
 from sd_jax import images as images_lib
 from sd_jax import trainers
+from sd_jax import workdir_lock
 from sd_jax.data import input_pipeline
 from sd_jax.trainers import base
 
@@ -267,9 +268,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   trains a trainers.base.Task of one's own instead of config.trainer's.
   """
   exp = setup(config, devices, task=task)
-  task, tx, schedule, mesh, state_shardings = exp.task, exp.tx, exp.schedule, exp.mesh, exp.state_shardings
   workdir = resolve_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # One run per workdir (sd_jax/workdir_lock.py): taken before anything is written there.
+  with workdir_lock.WorkdirLock(workdir):
+    return _train(exp, workdir)
+
+
+def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
+  """train_and_evaluate in a workdir this run holds."""
+  config = exp.config
+  task, tx, schedule, mesh, state_shardings = exp.task, exp.tx, exp.schedule, exp.mesh, exp.state_shardings
   _write_config(config, task, workdir)
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.devices.size,
                mesh.devices.flat[0].platform, jax.process_count())

@@ -1,0 +1,103 @@
+"""A run never corrupts itself: one run per workdir, damaged checkpoints are stepped over, errors name the file."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from sd_jax import metrics
+from sd_jax import train
+from sd_jax import workdir_lock
+from sd_jax.data import shapes
+from tests import helpers
+
+CONFIG = f"--config={helpers.REPO}/configs/shapes_ddpm.py:runlocal"
+
+
+def _config(**overrides):
+  base = {"total_steps": 2, "log_every_steps": 1, "save_every_steps": 1, "eval_every_steps": -1,
+          "optim.schedule": "constant", "mesh.data": 1}
+  base.update(overrides)
+  return helpers.load_config(**base)
+
+
+def _write_lock(workdir, **fields):
+  record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
+            "token": "someone-else", "processes": 1, **fields}
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per workdir
+
+
+def test_a_live_holder_keeps_the_workdir(data_dir, tmp_path):
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    _write_lock(tmp_path, pid=sleeper.pid)
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"in use by another run: pid {sleeper.pid} on host"):
+      train.train_and_evaluate(_config(), str(tmp_path), devices=jax.devices()[:1])
+  finally:
+    sleeper.kill()
+  assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lock.LOCK_FILE]  # nothing written
+  # Another host's run with a fresh heartbeat holds it too.
+  _write_lock(tmp_path, host="elsewhere", pid=1)
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="on host elsewhere"):
+    workdir_lock.WorkdirLock(tmp_path).acquire()
+
+
+def test_a_dead_holder_is_taken_over_and_the_lock_released(data_dir, tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  _write_lock(tmp_path, pid=dead.pid)
+  train.train_and_evaluate(_config(), str(tmp_path), devices=jax.devices()[:1])
+  assert [r["step"] for r in metrics.read_metrics(tmp_path) if "loss" in r] == [1, 2]
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()  # released at the end
+  # A holder on another host whose heartbeat stopped long ago is gone too; an unreadable lock file as well.
+  for stale in ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 2 * workdir_lock.STALE_S}, None):
+    if stale is None:
+      (tmp_path / workdir_lock.LOCK_FILE).write_text("{not json")
+    else:
+      _write_lock(tmp_path, **stale)
+    lock = workdir_lock.WorkdirLock(tmp_path, heartbeat_s=0.05)
+    with lock:
+      held = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
+      assert held["token"] == lock.token and held["pid"] == os.getpid()
+      time.sleep(0.3)
+      assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["heartbeat"] > held["heartbeat"]
+    assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+
+
+def test_a_second_run_on_a_busy_workdir_refuses(data_dir, tmp_path):
+  """Two real `python -m sd_jax.main` on one workdir: the second stops with one line naming the first; the first
+  trains on, and its metrics hold every step once."""
+  shapes.build(data_dir, config="r32_tiny")
+  env = {**os.environ, "XLA_FLAGS": helpers.xla_flags(1), "JAX_PLATFORMS": "cpu", "SD_JAX_DATA_DIR": data_dir}
+  args = [CONFIG, f"--workdir={tmp_path}", "--config.total_steps=100000", "--config.save_every_steps=100000",
+          "--config.log_every_steps=1", "--config.eval_every_steps=-1"]
+  first = subprocess.Popen([sys.executable, "-m", "sd_jax.main", *args], cwd=helpers.REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while not any("loss" in r for r in metrics.read_metrics(tmp_path)):
+      assert first.poll() is None and time.time() < deadline, "the first run did not start training"
+      time.sleep(0.5)
+    second = helpers.run_main(args, env=env, timeout=300)
+    assert second.returncode == 1
+    assert f"error: {tmp_path} is in use by another run: pid {first.pid} on host {socket.gethostname()}" in \
+        second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.poll() is None  # the first run goes on
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=300)
+  steps = [r["step"] for r in metrics.read_metrics(tmp_path) if "loss" in r]
+  assert steps == list(range(1, len(steps) + 1))
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
