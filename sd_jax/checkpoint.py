@@ -7,10 +7,17 @@ Resume order (see DESIGN.md): the workdir's own latest complete checkpoint, else
 with a readable diff on mismatch), else a fresh init. Orbax writes each step into a temporary directory and renames
 it when the save is complete, so a half-written checkpoint (process killed mid-save) is never listed and never
 restored; `latest_step` also requires orbax's commit marker where the filesystem uses one.
+
+A complete checkpoint can still be damaged afterwards (a file deleted or truncated on disk): `restore_latest` checks
+the files of the newest checkpoint and reads it; when it cannot, it says which files are damaged, moves the
+checkpoint aside to `checkpoints/<step>.damaged` (never deletes it) and falls back to the previous one, loudly, or
+with `strict=True` (config.strict_restore) stops with that message. A checkpoint that reads fine but does not fit
+the config (another model or optimizer) is not damage: that stops the run with the difference.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,6 +25,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -25,6 +33,22 @@ from etils import epath
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
+
+
+DAMAGED_SUFFIX = ".damaged"  # checkpoints/<step>.damaged: moved aside, kept for inspection
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is readable but was written by a run with another model or optimizer."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint's files are missing or unreadable."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
 class Checkpointer:
@@ -63,11 +87,109 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except ValueError as e:
-      raise ValueError(f"checkpoint {step} in {self.manager.directory} does not fit the current config (optimizer "
-                       f"or EMA settings changed?): {e}\nUse a new --workdir, or --config.init_from to load params "
-                       "only.") from e
+    except Exception as e:  # noqa: BLE001 - damaged, or another config: `unreadable` tells which
+      problems = self.unreadable(step)
+      if problems:
+        raise DamagedCheckpointError(self._damage_message(step, problems)) from e
+      raise CheckpointMismatchError(
+          f"checkpoint {step} in {self.manager.directory} does not fit the current config (optimizer or EMA settings "
+          f"changed?): {e}\nUse a new --workdir, or --config.init_from to load params only.") from e
     return restored["state"]
+
+  # -- damage --------------------------------------------------------------------------------------------------------
+
+  def step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.manager.directory) / str(step)
+
+  def missing_files(self, step: int) -> list[str]:
+    """The files a restore needs that are not there (paths relative to the checkpoints directory)."""
+    step_dir, missing = self.step_dir(step), []
+    state = step_dir / "state"
+    if not state.is_dir():
+      return [f"{step}/state/"]
+    needed = [state / "_METADATA"]
+    if (state / "d").is_dir() or any(state.glob("ocdbt.process_*")):  # OCDBT: the manifests index the data files
+      needed.append(state / "manifest.ocdbt")
+      needed += [p / "manifest.ocdbt" for p in state.glob("ocdbt.process_*")]
+    if self._with_data:
+      needed.append(step_dir / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    for path in needed:
+      if not path.exists():
+        missing.append(str(path.relative_to(self.manager.directory)))
+    return missing
+
+  def unreadable(self, step: int) -> list[str]:
+    """What cannot be read of checkpoint `step` (missing files, or files that fail to read), read without the
+    current config: an empty list means the checkpoint is whole."""
+    problems = [f"{path} is missing" for path in self.missing_files(step)]
+    if problems:
+      return problems
+    state = self.step_dir(step) / "state"
+    try:
+      metadata = ocp.PyTreeCheckpointer().metadata(state).item_metadata
+      tree = getattr(metadata, "tree", metadata)
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
+    except Exception as e:  # noqa: BLE001 - any failure to read the files is damage
+      problems.append(f"{step}/state/ cannot be read ({_first_line(e)})")
+    if self._with_data:
+      data_file = self.step_dir(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      try:
+        json.loads(data_file.read_text())
+      except (OSError, ValueError) as e:
+        problems.append(f"{data_file.relative_to(self.manager.directory)} cannot be read ({_first_line(e)})")
+    return problems
+
+  def _damage_message(self, step: int, problems: list[str]) -> str:
+    return f"checkpoint {step} in {self.manager.directory} is damaged: " + "; ".join(problems) + "."
+
+  def move_aside(self, step: int) -> epath.Path:
+    """Renames checkpoints/<step> to checkpoints/<step>.damaged (process 0; every process waits for it)."""
+    from sd_jax import parallel  # pylint: disable=import-outside-toplevel
+    source = self.step_dir(step)
+    target = source.parent / f"{step}{DAMAGED_SUFFIX}"
+    n = 1
+    while target.exists():
+      n += 1
+      target = source.parent / f"{step}{DAMAGED_SUFFIX}{n}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    parallel.sync_processes(f"sd_jax_move_aside_{step}")
+    self.manager.reload()
+    return target
+
+  def restore_latest(self, abstract_state: Any, data_iterator=None, *, strict: bool = False
+                     ) -> tuple[Any, int] | tuple[None, None]:
+    """(state, step) of the newest checkpoint that reads, or (None, None) when there is none.
+
+    A damaged checkpoint is moved aside (never deleted) and the previous one tried, with an error in the log; with
+    `strict`, DamagedCheckpointError instead. Every checkpoint damaged is an error too: never a silent fresh start.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      missing = self.missing_files(step)
+      try:
+        if missing:
+          raise DamagedCheckpointError(self._damage_message(step, [f"{p} is missing" for p in missing]))
+        state = self.restore(step, abstract_state, data_iterator)
+        if int(state.step) != step:
+          raise DamagedCheckpointError(self._damage_message(step, [f"it holds the state of step {int(state.step)}"]))
+        return state, step
+      except DamagedCheckpointError as e:
+        if strict:
+          raise DamagedCheckpointError(f"{e} config.strict_restore=True: stopping. Repair or move the checkpoint "
+                                       "away, or set config.strict_restore=False to fall back to the previous "
+                                       "one.") from e
+        target = self.move_aside(step)
+        damaged.append(step)
+        logging.error("%s It is moved to %s (kept, not deleted); falling back to the previous checkpoint.", e, target)
+    if damaged:
+      raise DamagedCheckpointError(
+          f"every checkpoint in {self.manager.directory} is damaged (steps {damaged}, moved to <step>"
+          f"{DAMAGED_SUFFIX}); not starting from scratch in a workdir that had them. Repair one, or use a new "
+          "--workdir (with --config.init_from=... to start from another run's params).")
+    return None, None
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Fails with a readable key diff when the checkpoint's params do not fit the current model."""
@@ -76,7 +198,7 @@ class Checkpointer:
     found = getattr(metadata, "tree", metadata)
     diff = format_diff(*tree_diff(abstract_state.params, found.get("params", {})))
     if diff:
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"{state_dir} was written by a run with a different model:\n{diff}\n"
           "Use a new --workdir for a new config, or load params only with --config.init_from=OLD_WORKDIR.")
 

@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_every_steps = 1_000  # sample grid with the EMA params; 0 = only at the end; -1 = never
   c.save_every_steps = 1_000
   c.keep = 3                    # checkpoints kept (orbax max_to_keep)
+  c.strict_restore = False      # a damaged newest checkpoint: False = move it aside, resume from the one before;
+                                # True = stop and say which files are damaged
   c.async_checkpointing = True
   c.parallelism = "jit"         # "jit" (sharded by the mesh below) or "pmap" (data parallel)
 

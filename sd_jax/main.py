@@ -109,13 +109,15 @@ def main(argv):
     process_id = process_id if process_id is not None else slurm[2]
   initialize_distributed(address, num_processes, process_id, FLAGS.jax_distributed)
   import jax
+  from sd_jax import checkpoint as ckpt_lib
   from sd_jax import train
   from sd_jax import workdir_lock
   logging.info("JAX %s, process %d of %d, %d local / %d global devices.", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError, workdir_lock.WorkdirLockedError) as e:
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError, workdir_lock.WorkdirLockedError,
+          ckpt_lib.DamagedCheckpointError) as e:
     # Bad input: print the message, not a traceback, and exit non-zero.
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)

@@ -292,13 +292,10 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
 
   # --- Resume order: own checkpoint, else init_from, else fresh init.
   checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=config.keep, async_save=config.async_checkpointing)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s step %d.", ckpt_lib.checkpoint_dir(str(workdir)), latest)
-    state = checkpointer.restore(latest, exp.abstract_state, data_iter)
-    start_step = int(state.step)
-    if start_step != latest:
-      raise RuntimeError(f"checkpoint {latest} holds state.step={start_step}; the checkpoint directory is corrupt.")
+  state, start_step = checkpointer.restore_latest(exp.abstract_state, data_iter,
+                                                  strict=config.strict_restore)
+  if state is not None:
+    logging.info("Resumed from %s step %d.", ckpt_lib.checkpoint_dir(str(workdir)), start_step)
   else:
     state = exp.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:

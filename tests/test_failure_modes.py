@@ -1,7 +1,10 @@
 """A run never corrupts itself: one run per workdir, damaged checkpoints are stepped over, errors name the file."""
 
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,11 +12,14 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
+from sd_jax import checkpoint as ckpt_lib
 from sd_jax import metrics
 from sd_jax import train
 from sd_jax import workdir_lock
+from sd_jax.data import input_pipeline
 from sd_jax.data import shapes
 from tests import helpers
 
@@ -101,3 +107,83 @@ def test_a_second_run_on_a_busy_workdir_refuses(data_dir, tmp_path):
   steps = [r["step"] for r in metrics.read_metrics(tmp_path) if "loss" in r]
   assert steps == list(range(1, len(steps) + 1))
   assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A damaged latest checkpoint
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, data_dir):
+  """A 3-step run with a checkpoint at every step."""
+  workdir = tmp_path_factory.mktemp("saved_run")
+  config = _config(total_steps=3, save_every_steps=1)
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  return config, workdir
+
+
+def _truncate_largest_data_file(step_dir):
+  files = sorted(step_dir.glob("state/ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+  os.truncate(files[-1], 100)
+
+
+DAMAGES = {  # how a checkpoint is damaged -> what the message must name
+    "truncated data file": (_truncate_largest_data_file, "3/state/ cannot be read"),
+    "no manifest": (lambda d: (d / "state" / "manifest.ocdbt").unlink(), "3/state/manifest.ocdbt is missing"),
+    "no _METADATA": (lambda d: (d / "state" / "_METADATA").unlink(), "3/state/_METADATA is missing"),
+    "no state": (lambda d: shutil.rmtree(d / "state"), "3/state/ is missing"),
+    "no data iterator file": (lambda d: (d / "data" / "process_0-of-1.json").unlink(),
+                              "3/data/process_0-of-1.json is missing"),
+}
+
+
+def _restore_latest(config, workdir, strict):
+  setup = train.setup(config, devices=jax.devices()[:1])
+  data = input_pipeline.create_iterator(config.dataset, split="train", global_batch_size=config.batch_size,
+                                        seed=config.seed)
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=config.keep)
+  try:
+    return checkpointer.restore_latest(setup.abstract_state, data, strict=strict)
+  finally:
+    checkpointer.close()
+    data.close()
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_named_moved_aside_and_stepped_over(saved_run, damage, tmp_path, caplog):
+  config, original = saved_run
+  workdir = tmp_path / "w"
+  shutil.copytree(original, workdir)
+  damage_fn, named = DAMAGES[damage]
+  damage_fn(workdir / "checkpoints" / "3")
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=re.escape(named) + ".*strict_restore=True"):
+    _restore_latest(config, workdir, strict=True)
+  assert (workdir / "checkpoints" / "3").is_dir()  # strict: nothing moved
+  with caplog.at_level(logging.ERROR):
+    state, step = _restore_latest(config, workdir, strict=False)
+  assert step == 2 and int(state.step) == 2
+  assert (workdir / "checkpoints" / f"3{ckpt_lib.DAMAGED_SUFFIX}").is_dir()
+  assert not (workdir / "checkpoints" / "3").exists()
+  assert any(named in r.getMessage() and "3.damaged" in r.getMessage() for r in caplog.records)
+  wanted = ckpt_lib.Checkpointer(str(original), keep=config.keep, with_data=False)
+  try:
+    step2 = wanted.restore(2, train.setup(config, devices=jax.devices()[:1]).abstract_state)
+  finally:
+    wanted.close()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(step2.params))
+
+
+def test_the_loop_resumes_exactly_past_a_damaged_checkpoint_and_never_starts_fresh(saved_run, tmp_path):
+  config, original = saved_run
+  workdir = tmp_path / "w"
+  shutil.copytree(original, workdir)
+  _truncate_largest_data_file(workdir / "checkpoints" / "3")
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])  # redoes step 3 from checkpoint 2
+  assert helpers.losses(workdir) == pytest.approx(helpers.losses(original), rel=1e-6)
+  assert (workdir / "checkpoints" / "3").is_dir() and (workdir / "checkpoints" / "3.damaged").is_dir()
+  # Every checkpoint damaged: an error, not a fresh start.
+  for step in (1, 2, 3):
+    (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match="every checkpoint .* is damaged .* not starting from"):
+    train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  assert [r["step"] for r in metrics.read_metrics(workdir) if "loss" in r] == [1, 2, 3]
