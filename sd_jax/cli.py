@@ -10,7 +10,7 @@ Two kinds of command use it:
 
 For both, --help (or -h) prints the usage text, the module docstring followed by the flags' help as absl renders
 it, to stdout and exits 0; a flag that does not parse or fails a check prints `error: MESSAGE` to stderr and exits
-non-zero: 2 for a `Command` (the argparse convention these commands had), 1 for an absl app (absl's own).
+1, as for every other mistake a user can make.
 
   cmd = cli.Command("python -m sd_jax.sample", __doc__)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=cmd.flags)
@@ -25,6 +25,7 @@ non-zero: 2 for a `Command` (the argparse convention these commands had), 1 for 
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -33,8 +34,8 @@ from typing import Any, NoReturn
 from absl import flags
 
 HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")
-# The exit status of a bad command line for a `Command`: argparse's, which these commands used before absl.
-USAGE_ERROR = 2
+# The exit status of a bad command line: 1, as for every other mistake a user can make (absl's own status too).
+USAGE_ERROR = 1
 # Tokens argparse took as values, not flags: negative numbers.
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
@@ -152,6 +153,9 @@ class Command:
       self.error(str(e))
     if len(rest) > 1:
       self.error(f"unrecognized arguments: {' '.join(rest[1:])}")
+    for name, value in self.flags.flag_values_dict().items():
+      if isinstance(value, float) and not math.isfinite(value):
+        self.error(f"--{name}={value}: must be a finite number.")
     missing = [f"--{name}" for name in self._required if self.flags[name].value in (None, "")]
     if missing:
       self.error(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
@@ -169,12 +173,69 @@ def _main_module_prog() -> str:
   return f"python -m {spec.name}" if spec is not None else sys.argv[0]
 
 
+def config_flag_error(argv: Sequence[str]) -> str | None:
+  """One line saying what is wrong with the --config flags of `argv` (a config file that does not exist or load, an
+  override of a key the config does not have, with the nearest valid keys), or None if they look right.
+
+  ml_collections' config flag reports these as chained tracebacks; this re-checks them with the config itself."""
+  import difflib  # pylint: disable=import-outside-toplevel
+  from sd_jax import config_lib  # pylint: disable=import-outside-toplevel
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if not specs:
+    return None
+  path, _, arg = specs[-1].partition(":")
+  import os  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    near = sorted(str(p) for p in _config_files(os.path.dirname(path) or "."))
+    where = f" Config files there: {', '.join(near)}." if near else ""
+    return f"--config={specs[-1]}: {path} does not exist.{where}"
+  try:
+    config = config_lib.load_config_file(path, arg)
+  except Exception as e:  # noqa: BLE001 - the file's own error, in one line
+    return f"--config={specs[-1]}: {type(e).__name__}: {e}"
+  keys = sorted(_dotted_keys(config))
+  for token in argv:
+    if not token.startswith("--config.") or "=" not in token:
+      continue
+    key, _, value = token[len("--config."):].partition("=")
+    if key not in keys and not any(k.startswith(key + ".") for k in keys):
+      near = difflib.get_close_matches(key, keys, n=4, cutoff=0.5)
+      hint = f" Nearest valid keys: {', '.join(near)}." if near else ""
+      return f"unknown config key {key} (--config.{key}={value}).{hint}"
+  return None
+
+
+def _config_files(directory: str) -> list[str]:
+  import glob  # pylint: disable=import-outside-toplevel
+  return sorted(p for p in glob.glob(f"{directory}/*.py") if not p.endswith("__init__.py"))
+
+
+def _dotted_keys(config, prefix: str = ""):
+  for key, value in config.items():
+    yield f"{prefix}{key}"
+    if hasattr(value, "items") and not isinstance(value, dict):
+      yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
 def _parse_global_flags(argv: list[str]) -> list[str]:
   """absl's flags parser for app.run, with the `error: ...` format (exit 1, absl's status for a bad flag)."""
+  hint = f"\n(`{_main_module_prog()} --help` describes the flags.)"
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    # A config file that fails to load is reported by ml_collections only when the config is first used.
+    message = config_flag_error(argv[1:])
+    if message is not None:
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(1)
+    return rest
   except flags.Error as e:
-    print(f"error: {e}\n(`{_main_module_prog()} --help` describes the flags.)", file=sys.stderr)
+    print(f"error: {config_flag_error(argv) or e}{hint}", file=sys.stderr)
+    sys.exit(1)
+  except Exception:  # noqa: BLE001 - ml_collections' config flag raises plain errors for a bad --config
+    message = config_flag_error(argv)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
 

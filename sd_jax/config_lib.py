@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   missing = [k for k in COMMON_KEYS if k not in config]
   if missing:
     raise ValueError(f"config is missing keys {missing}; start config files from sd_jax.config_lib.base_config().")
+  for key, value in _numbers(config):
+    if not math.isfinite(value):
+      raise ValueError(f"config.{key}={value}: must be a finite number.")
   if config.batch_size <= 0:
     raise ValueError(f"config.batch_size={config.batch_size}: must be a positive (global) batch size.")
   if config.total_steps < 0:
@@ -191,6 +195,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optim.grad_accum_steps={optim.grad_accum_steps}: must be >= 1.")
   if optim.grad_clip_norm < 0:
     raise ValueError(f"config.optim.grad_clip_norm={optim.grad_clip_norm}: must be >= 0 (0 disables).")
+  for key in ("b1", "b2"):
+    if key in optim and not 0.0 <= optim[key] < 1.0:
+      raise ValueError(f"config.optim.{key}={optim[key]}: must be in [0, 1).")
+  if "eps" in optim and not optim.eps > 0:
+    raise ValueError(f"config.optim.eps={optim.eps}: must be > 0.")
+  if optim.get("weight_decay", 0.0) < 0:
+    raise ValueError(f"config.optim.weight_decay={optim.weight_decay}: must be >= 0.")
+  if "diffusion" in config:
+    d = config.diffusion
+    for key in ("beta_start", "beta_end"):
+      if not 0.0 < d[key] < 1.0:
+        raise ValueError(f"config.diffusion.{key}={d[key]}: must be in (0, 1).")
+    if d.get("min_snr_gamma", 0.0) < 0 or d.get("offset_noise", 0.0) < 0:
+      raise ValueError(f"config.diffusion.min_snr_gamma={d.get('min_snr_gamma')} / offset_noise="
+                       f"{d.get('offset_noise')}: must be >= 0 (0 turns each off).")
+    if not d.get("snr_shift", 1.0) > 0:
+      raise ValueError(f"config.diffusion.snr_shift={d.snr_shift}: must be > 0 (1 = off).")
+  if "sample" in config:
+    for key in ("guidance_scale", "eta"):
+      if config.sample.get(key, 0.0) < 0:
+        raise ValueError(f"config.sample.{key}={config.sample[key]}: must be >= 0.")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 disables EMA).")
   for axis, size in config.mesh.items():
@@ -198,3 +223,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.mesh has unknown axis {axis!r}; mesh axes are data, fsdp, tensor.")
     if size == 0 or size < -1:
       raise ValueError(f"config.mesh.{axis}={size}: use a positive size or -1 (fill the remaining devices).")
+
+
+def _numbers(config, prefix: str = ""):
+  """(dotted key, value) of every float in a config, nested blocks and tuples included."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _numbers(value, f"{name}.")
+    elif isinstance(value, float):
+      yield name, value
+    elif isinstance(value, (tuple, list)):
+      yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))

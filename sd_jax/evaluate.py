@@ -504,7 +504,7 @@ def _command() -> cli.Command:
 
 
 def _check_flags(args, cmd: cli.Command) -> tuple[str, ...]:
-  """The metrics --metrics names; exits via `cmd.error` (status 2) on flag values the command cannot use."""
+  """The metrics --metrics names; exits via `cmd.error` (status 1) on flag values the command cannot use."""
   try:
     metrics = parse_metrics(args.metrics)
   except ValueError as e:
@@ -668,7 +668,7 @@ def default_stats_cache() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad
+  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 1 on bad
   flags, 1 on bad inputs (a missing run, a split too small, ...)."""
   cmd = _command()
   argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
@@ -676,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   metrics = _check_flags(args, cmd)
   try:
     run_evaluation(args, metrics, argv)
-  except (CommandError, ValueError, FileNotFoundError) as e:
+  except (CommandError, ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(1) from e
   return 0

@@ -277,6 +277,8 @@ class TextToImage:
       raise ValueError(f"--steps={steps}: must be >= 1.")
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"--guidance_rescale={guidance_rescale}: must be in [0, 1].")
+    if not (math.isfinite(guidance) and guidance >= 0):
+      raise ValueError(f"--guidance={guidance}: must be a finite number >= 0 (1 = no guidance).")
     if output_type not in OUTPUT_TYPES:
       raise ValueError(f"output_type={output_type!r}: use one of {OUTPUT_TYPES}.")
     config = self.sampler_config(sampler, eta)
@@ -327,6 +329,13 @@ class TextToImage:
       indices = np.arange(start, start + batch_size, dtype=np.int32)  # padding rows: indices past the end
       images = fn(*params, self.tokenizer(chunk), self.tokenizer(neg), seed_key, indices, images_in)
       images = np.asarray(jax.device_get(images))[:real]
+      bad = np.flatnonzero(~np.isfinite(images.reshape(real, -1)).all(axis=1))
+      if bad.size:
+        i = int(bad[0])
+        raise FloatingPointError(
+            f"the sampler produced NaN/Inf for prompt {chunk[i]!r} (image {start + i} of seed {seed}; "
+            f"{bad.size} of this batch's {real} images): the model's weights or the settings ({config.sampler}, "
+            f"{steps} steps, guidance {guidance}) give non-finite latents. No image was written.")
       out.append(images_lib.to_uint8(images) if output_type == "uint8" else (images + 1.0) / 2.0)
       if bar is not None:
         bar.update(1)

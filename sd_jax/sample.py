@@ -88,7 +88,7 @@ def _command() -> cli.Command:
 
 
 def _check_flags(args, cmd: cli.Command) -> None:
-  """Exits via `cmd.error` (status 2) on flag values the command cannot use."""
+  """Exits via `cmd.error` (status 1) on flag values the command cannot use."""
   positive = {"--num_images": args.num_images, "--steps": args.steps, "--batch_size": args.batch_size,
               "--height": args.height, "--width": args.width}
   for flag, value in positive.items():
@@ -169,7 +169,7 @@ def slug(text: str, max_chars: int = 48) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad
+  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 1 on bad
   flags, 1 on bad inputs (a missing model, an empty prompts file, ...)."""
   cmd = _command()
   args = cmd.parse(argv)
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            guidance_rescale=args.guidance_rescale, init_image=init_image, strength=strength,
                            progress=True)
     seconds = time.time() - start
-  except (CommandError, ValueError, FileNotFoundError) as e:
+  except (CommandError, ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(1) from e
 

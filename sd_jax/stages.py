@@ -229,7 +229,7 @@ def _command():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad
+  """The command (argv: its flags, without the program name; default sys.argv[1:]). Returns 0; exits 1 on bad
   flags, with a message when a stage fails."""
   cmd = _command()
   args = cmd.parse(argv)

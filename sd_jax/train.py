@@ -142,8 +142,9 @@ def train_step_pmap(state: TrainState, batch, frozen, *, task, tx, schedule, con
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
 
-def eval_step(params, frozen, batch, *, task, global_batch: int, seed: int):
-  keys = jax.random.split(jax.random.PRNGKey(seed), global_batch)
+def eval_step(params, frozen, batch, *, task, seed: int):
+  """The task's held-out metrics of one batch (a full batch, or the split's smaller last one), with fixed draws."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), jax.tree.leaves(batch)[0].shape[0])
   return task.eval_metrics(params, frozen, batch, keys)
 
 
@@ -170,6 +171,22 @@ def resolve_workdir(workdir) -> epath.Path:
   """Local paths become absolute (orbax requires it); URLs such as gs://bucket/run are kept as they are."""
   workdir = str(workdir)
   return epath.Path(workdir if "://" in workdir else os.path.abspath(os.path.expanduser(workdir)))
+
+
+def prepare_workdir(workdir) -> epath.Path:
+  """The run's workdir, created if missing; a path that is a file, or one that cannot be created or written, is a
+  ValueError naming it."""
+  workdir = resolve_workdir(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file, not a directory: pass a directory (created if missing).")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} cannot be created ({e.strerror or e}): pass a directory you can write "
+                     "to.") from e
+  if "://" not in str(workdir) and not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir} is not writable: pass a directory you can write to.")
+  return workdir
 
 
 def _write_config(config, task: base.Task, workdir: epath.Path) -> None:
@@ -268,8 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   trains a trainers.base.Task of one's own instead of config.trainer's.
   """
   exp = setup(config, devices, task=task)
-  workdir = resolve_workdir(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = prepare_workdir(workdir)
   # One run per workdir (sd_jax/workdir_lock.py): taken before anything is written there.
   with workdir_lock.WorkdirLock(workdir):
     return _train(exp, workdir)
@@ -279,6 +295,13 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
   """train_and_evaluate in a workdir this run holds."""
   config = exp.config
   task, tx, schedule, mesh, state_shardings = exp.task, exp.tx, exp.schedule, exp.mesh, exp.state_shardings
+  if config.total_steps == 0 and not any(p.name.isdigit() for p in ckpt_lib.checkpoint_dir(str(workdir)).glob("*")):
+    if not config.init_from:
+      raise ValueError("config.total_steps=0 in a workdir with no checkpoint: nothing would be trained and the export "
+                       "would be an untrained model. Set --config.total_steps to the number of steps to train (or "
+                       "--config.init_from to export the params of another run as they are).")
+    logging.warning("config.total_steps=0: the export will hold the params of config.init_from=%s, untrained.",
+                    config.init_from)
   _write_config(config, task, workdir)
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.devices.size,
                mesh.devices.flat[0].platform, jax.process_count())
@@ -305,7 +328,7 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   frozen = exp.load_frozen()
-  eval_fn = jax.jit(functools.partial(eval_step, task=task, global_batch=global_batch, seed=config.seed))
+  eval_fn = jax.jit(functools.partial(eval_step, task=task, seed=config.seed))
   ctx = Context(config=config, workdir=workdir, mesh=mesh, writer=writer, eval_iterator_fn=lambda: (
       input_pipeline.create_iterator(dataset, split=dataset.eval_split, global_batch_size=global_batch,
                                      seed=config.seed, train=False)), frozen=frozen, batch_sharding=exp.batch_sharding)
@@ -473,23 +496,46 @@ def eval_params(state: TrainState):
 
 
 def _evaluate(step, state, task: base.Task, ctx: Context, eval_fn, config, batch_sharding, writer) -> None:
-  """Held-out metrics (averaged over the eval split) and the trainer's own evaluation hook."""
+  """Held-out metrics (averaged over the examples of the eval split, config.eval_batches batches at most) and the
+  trainer's own evaluation hook.
+
+  A smaller last batch (or a split smaller than the batch) is evaluated too, trimmed to a multiple of the
+  data-parallel size (one more compile of the evaluation step); what cannot be evaluated is said in the log."""
   results: dict[str, float] = {}
   parallel.sync_processes(f"sd_jax_eval_{step}")
   params = eval_params(state)
+  data_parallel = parallel.data_parallel_size(ctx.mesh, config.logical_axis_rules)
   sums: dict[str, float] = {}
-  count = 0
+  count = batches = skipped = 0
   for local_batch in ctx.eval_iterator_fn():
-    n = jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count()
+    local = jax.tree.leaves(local_batch)[0].shape[0]
+    n = local * jax.process_count()
     if n != config.batch_size:
-      break  # keep shapes static: the final partial batch is dropped
+      if jax.process_count() > 1:  # hosts may hold different tails: keep every host's program the same
+        skipped += n
+        break
+      usable = local // data_parallel * data_parallel
+      skipped += local - usable
+      if not usable:
+        break
+      local_batch = jax.tree.map(lambda x, u=usable: x[:u], local_batch)
+      n = usable
     batch = parallel.host_batch_to_global(local_batch, batch_sharding)
     values = jax.device_get(eval_fn(params, ctx.frozen, batch))
     for k, v in values.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    count += 1
-    if 0 < config.eval_batches <= count:
+      sums[k] = sums.get(k, 0.0) + float(v) * n
+    count += n
+    batches += 1
+    if 0 < config.eval_batches <= batches:
       break
+  if skipped:
+    logging.warning("eval step %d: %d example(s) of the %s split were not evaluated (%s).", step, skipped,
+                    task.dataset_config().eval_split,
+                    "a partial last batch with several processes" if jax.process_count() > 1 else
+                    f"not a multiple of the {data_parallel} data-parallel devices")
+  if not count and skipped:
+    logging.warning("eval step %d: no held-out metrics: the %s split has fewer examples than can be evaluated.",
+                    step, task.dataset_config().eval_split)
   results.update({f"eval_{k}": v / count for k, v in sums.items()} if count else {})
   results.update(task.on_eval(step, params, ctx) or {})
   if results:

@@ -30,13 +30,13 @@ COMMANDS = {
     "sd_jax.bench": ("--config", "--mode", "--aot", "--sample_batch_sizes"),
 }
 # A command line with a flag value that does not parse, the exit status and what stderr says. The absl apps
-# (main, convert, bench) exit 1 on a bad flag, as absl does; the others 2, as argparse did.
+# Every command exits 1 on a bad flag.
 BAD_FLAGS = {
-    "sd_jax.sample": (["--workdir", "W", "--prompt", "a", "--out", "O", "--steps", "many"], 2, "flag --steps=many"),
-    "sd_jax.evaluate": (["--workdir", "W", "--metrics", "fd_clip", "--sampler", "plms"], 2, "invalid choice: 'plms'"),
-    "sd_jax.stages": (["--workdir", "W", "--preset", "huge"], 2, "invalid choice: 'huge'"),
-    "sd_jax.machine": (["--seconds", "long"], 2, "flag --seconds=long"),
-    "sd_jax.eval.shapes_eval": (["--out", "O", "--resolution", "big"], 2, "flag --resolution=big"),
+    "sd_jax.sample": (["--workdir", "W", "--prompt", "a", "--out", "O", "--steps", "many"], 1, "flag --steps=many"),
+    "sd_jax.evaluate": (["--workdir", "W", "--metrics", "fd_clip", "--sampler", "plms"], 1, "invalid choice: 'plms'"),
+    "sd_jax.stages": (["--workdir", "W", "--preset", "huge"], 1, "invalid choice: 'huge'"),
+    "sd_jax.machine": (["--seconds", "long"], 1, "flag --seconds=long"),
+    "sd_jax.eval.shapes_eval": (["--out", "O", "--resolution", "big"], 1, "flag --resolution=big"),
     "sd_jax.main": (["--workdir=W", "--num_processes=two"], 1, "flag --num_processes=two"),
     "sd_jax.convert": (["--from_diffusers=D", "--out=O", "--image_size=big"], 1, "flag --image_size=big"),
     "sd_jax.bench": (["--mode=fast"], 1, "flag --mode=fast"),
@@ -124,7 +124,7 @@ def test_stage_override_is_checked(tmp_path, capsys):
   from sd_jax import stages
   with pytest.raises(SystemExit) as e:
     stages.main(["--workdir", str(tmp_path), "--stage_override", "gan:--config.total_steps=1"])
-  assert e.value.code == 2 and "--stage_override='gan:--config.total_steps=1'" in capsys.readouterr().err
+  assert e.value.code == 1 and "--stage_override='gan:--config.total_steps=1'" in capsys.readouterr().err
 
 
 def test_machine_prints_its_description(capsys):
@@ -134,7 +134,7 @@ def test_machine_prints_its_description(capsys):
   assert "cpu: " in out and "reference_conv_gflops: " in out
   with pytest.raises(SystemExit) as e:
     machine.main(["--seconds", "0"])
-  assert e.value.code == 2 and "--seconds=0.0: must be > 0." in capsys.readouterr().err
+  assert e.value.code == 1 and "--seconds=0.0: must be > 0." in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_bad_command_lines(argv, message, capsys):
   cmd = _command()
   with pytest.raises(SystemExit) as e:
     cmd.parse(argv)
-  assert e.value.code == cli.USAGE_ERROR == 2
+  assert e.value.code == cli.USAGE_ERROR == 1
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and "python -m demo --help" in err
 
@@ -198,4 +198,4 @@ def test_help(capsys):
   # After `--` a "--help" is an argument, not a request for help.
   with pytest.raises(SystemExit) as e:
     _command().parse(["--workdir", "W", "--out", "O", "--", "--help"])
-  assert e.value.code == 2 and "unrecognized arguments: --help" in capsys.readouterr().err
+  assert e.value.code == 1 and "unrecognized arguments: --help" in capsys.readouterr().err

@@ -273,14 +273,14 @@ def test_fid_without_inception_weights_is_a_clear_error(env, capsys):
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    (["--metrics", "fd_clip"], 2, "one of the arguments --workdir --pretrained is required"),
-    (["--workdir", "W"], 2, "--metrics"),
-    (["--workdir", "W", "--metrics", "fd_clip,is"], 2, "unknown is"),
-    (["--workdir", "W", "--metrics", "fd_clip", "--num_samples", "0"], 2, "--num_samples=0"),
-    (["--workdir", "W", "--metrics", "fd_clip", "--sampler", "plms"], 2, "invalid choice: 'plms'"),
-    (["--workdir", "W", "--metrics", "fd_clip", "--sampler", "euler", "--eta", "0.5"], 2, "only for --sampler=ddim"),
-    (["--workdir", "W", "--pretrained", "M", "--metrics", "fd_clip"], 2, "not allowed with"),
-    (["--pretrained", "M", "--metrics", "clip_score"], 2, "--dataset KEY=VALUE"),
+    (["--metrics", "fd_clip"], 1, "one of the arguments --workdir --pretrained is required"),
+    (["--workdir", "W"], 1, "--metrics"),
+    (["--workdir", "W", "--metrics", "fd_clip,is"], 1, "unknown is"),
+    (["--workdir", "W", "--metrics", "fd_clip", "--num_samples", "0"], 1, "--num_samples=0"),
+    (["--workdir", "W", "--metrics", "fd_clip", "--sampler", "plms"], 1, "invalid choice: 'plms'"),
+    (["--workdir", "W", "--metrics", "fd_clip", "--sampler", "euler", "--eta", "0.5"], 1, "only for --sampler=ddim"),
+    (["--workdir", "W", "--pretrained", "M", "--metrics", "fd_clip"], 1, "not allowed with"),
+    (["--pretrained", "M", "--metrics", "clip_score"], 1, "--dataset KEY=VALUE"),
 ])
 def test_bad_flags(argv, code, message, capsys):
   assert message in _error(argv, capsys, code)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sd_jax import checkpoint as ckpt_lib
+from sd_jax import cli
 from sd_jax import metrics
 from sd_jax import train
 from sd_jax import workdir_lock
@@ -187,3 +188,64 @@ def test_the_loop_resumes_exactly_past_a_damaged_checkpoint_and_never_starts_fre
   with pytest.raises(ckpt_lib.DamagedCheckpointError, match="every checkpoint .* is damaged .* not starting from"):
     train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   assert [r["step"] for r in metrics.read_metrics(workdir) if "loss" in r] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No silent bad output
+
+
+def test_a_small_eval_split_is_evaluated_and_what_is_left_out_is_said(data_dir, tmp_path, caplog):
+  """The test split (64 examples) with batch 48 on 3 devices: a full batch, then the last 16 trimmed to 15."""
+  config = _config(total_steps=1, batch_size=48, eval_every_steps=0, eval_batches=-1, **{"mesh.data": 3})
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:3])
+  (row,) = [r for r in metrics.read_metrics(tmp_path) if "eval_loss" in r]
+  assert np.isfinite(row["eval_loss"])
+  assert any("1 example(s) of the test split were not evaluated (not a multiple of the 3 data-parallel devices)"
+             in r.getMessage() for r in caplog.records)
+  # A split smaller than the batch: evaluated as one smaller batch (it used to give no eval_loss at all).
+  config = _config(total_steps=1, batch_size=80, eval_every_steps=0)
+  train.train_and_evaluate(config, str(tmp_path / "big"), devices=jax.devices()[:1])
+  assert any(np.isfinite(r.get("eval_loss", np.nan)) for r in metrics.read_metrics(tmp_path / "big"))
+
+
+def test_zero_steps_on_a_fresh_workdir_refuses_to_export_an_untrained_model(data_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"total_steps=0 in a workdir with no checkpoint: nothing would be trained"):
+    train.train_and_evaluate(_config(total_steps=0), str(tmp_path), devices=jax.devices()[:1])
+  assert not (tmp_path / "export").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("key,value", [("optim.lr", float("nan")), ("optim.b2", 1.0), ("diffusion.beta_end", 0.0),
+                                       ("ema_decay", float("inf")), ("optim.eps", 0.0)])
+def test_config_values_out_of_range_or_not_finite_fail_naming_the_key(data_dir, tmp_path, key, value):
+  with pytest.raises(ValueError, match=re.escape(f"config.{key}=")):
+    train.train_and_evaluate(_config(**{key: value}), str(tmp_path), devices=jax.devices()[:1])
+  assert not tmp_path.joinpath("checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors that name what to fix
+
+
+def test_command_line_mistakes_name_the_flag_or_path(tmp_path):
+  config = f"--config={helpers.REPO}/configs/shapes_ddpm.py:runlocal"
+  assert cli.config_flag_error([config, "--config.nope=1"]) == "unknown config key nope (--config.nope=1)."
+  assert "Nearest valid keys: optim.lr" in cli.config_flag_error([config, "--config.optim.lrr=3e-4"])
+  assert cli.config_flag_error([config, "--config.optim.lr=3e-4", "--config.ema_decay=0.99"]) is None
+  missing = cli.config_flag_error([f"--config={helpers.REPO}/configs/nope.py"])
+  assert "configs/nope.py does not exist" in missing and "shapes_ddpm.py" in missing
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    train.prepare_workdir(afile)
+  with pytest.raises(ValueError, match="cannot be created"):
+    train.prepare_workdir("/sys/sd_jax_not_allowed")  # not even root may create directories in sysfs
+  # The real command: one line on stderr, exit status 1, no traceback.
+  for args, message in (([config, "--config.nope=1", f"--workdir={tmp_path / 'w'}"], "unknown config key nope"),
+                        ([f"--config={helpers.REPO}/configs/nope.py", f"--workdir={tmp_path / 'w'}"],
+                         "nope.py does not exist"),
+                        ([config, f"--workdir={afile}"], "is a file, not a directory")):
+    result = helpers.run_main(args, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

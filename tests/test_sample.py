@@ -207,6 +207,14 @@ def test_generate_errors(pipe):
     pipe.generate(PROMPTS, init_image=init.astype(np.float32) + 3)
   with pytest.raises(ValueError, match="3 images for 2 prompts"):
     pipe.generate(PROMPTS, init_image=np.zeros((3, SIZE, SIZE, 3), np.uint8))
+  for guidance in (float("nan"), float("inf"), -1.0):
+    with pytest.raises(ValueError, match=f"--guidance={guidance}: must be a finite number >= 0"):
+      pipe.generate(PROMPTS, guidance=guidance)
+  # A model that gives NaN (here: NaN weights) is an error naming the prompt and seed, never a black image.
+  nan_unet = jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.float32), pipe.unet_params)
+  params = {"unet": nan_unet, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
+  with pytest.raises(FloatingPointError, match=r"NaN/Inf for prompt 'a small red circle' \(image 0 of seed 7; 2 of"):
+    pipe.generate(PROMPTS, steps=STEPS, guidance=GUIDANCE, seed=7, params=params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,16 +276,19 @@ def test_command_errors(model, tmp_path, capsys):
   code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--height", "30"])
   assert code == 1 and "--height=30: must be a positive multiple of 4" in err
   code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--sampler", "heun"])
-  assert code == 2 and "--sampler" in err and "dpmpp_2m" in err
+  assert code == 1 and "--sampler" in err and "dpmpp_2m" in err
   Image.fromarray(np.zeros((30, 32, 3), np.uint8)).save(tmp_path / "odd.png")
   code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--init_image", str(tmp_path / "odd.png")])
   assert code == 1 and "--init_image" in err and "--height=30" in err and "Pass --height and --width" in err
   for strength in ("0", "1.5"):
     code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--init_image",
                                      str(tmp_path / "odd.png"), "--strength", strength])
-    assert code == 2 and f"--strength={float(strength)}: must be in (0, 1]" in err
+    assert code == 1 and f"--strength={float(strength)}: must be in (0, 1]" in err
   code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--strength", "0.5"])
-  assert code == 2 and "give --init_image" in err
+  assert code == 1 and "give --init_image" in err
   code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--sampler", "euler", "--eta", "0.5"])
-  assert code == 2 and "--eta=0.5" in err
+  assert code == 1 and "--eta=0.5" in err
+  for value in ("nan", "inf"):
+    code, err = _main_error(capsys, ["--pretrained", str(model_dir), *base, "--guidance", value])
+    assert code == 1 and f"--guidance={float(value)}: must be a finite number." in err
   assert not (tmp_path / "out").exists()  # nothing written on an error

@@ -730,7 +730,7 @@ def train_evaluator(
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m sd_jax.eval.shapes_eval --out DIR [--resolution 32] [--steps N] ...`: trains, prints the report
-  (argv: the flags, without the program name; default sys.argv[1:]). Returns 0; exits 2 on bad flags, 1 when
+  (argv: the flags, without the program name; default sys.argv[1:]). Returns 0; exits 1 on bad flags, 1 when
   training cannot start (an evaluator already in --out without --overwrite, a bad resolution)."""
   from absl import flags
   from sd_jax import cli

@@ -129,8 +129,7 @@ def test_a_few_steps_lower_the_held_out_loss(trained, reference):
   config, setup = trained["config"], trained["setup"]
   initial = setup.init_fn(jax.random.PRNGKey(config.seed)).params  # the reference run's step 0
   final = _restore(reference, setup, STEPS).params
-  evaluate = jax.jit(functools.partial(train.eval_step, task=setup.task, global_batch=config.batch_size,
-                                       seed=config.seed))
+  evaluate = jax.jit(functools.partial(train.eval_step, task=setup.task, seed=config.seed))
   frozen = setup.load_frozen()
   held_out = parallel.host_batch_to_global(_batch(config, config.dataset.eval_split), setup.batch_sharding)
   before = float(evaluate(initial, frozen, held_out)["loss"])
