@@ -35,7 +35,10 @@ def main(argv):
   sources = [f for f in ("from_diffusers", "from_single_file", "to_diffusers") if FLAGS[f].value]
   if len(sources) != 1:
     raise app.UsageError("Give exactly one of --from_diffusers, --from_single_file, --to_diffusers.")
+  import os  # pylint: disable=import-outside-toplevel
   from sd_jax.weights import model_dir as model_dir_lib
+  from sd_jax.weights import store  # pylint: disable=import-outside-toplevel
+  created = not os.path.exists(FLAGS.out)  # a failed conversion removes the --out it created, and only that
   try:
     if FLAGS.from_diffusers:
       done = model_dir_lib.import_diffusers(FLAGS.from_diffusers, FLAGS.out, variant=FLAGS.variant,
@@ -45,7 +48,11 @@ def main(argv):
                                          prediction_type=FLAGS.prediction_type, allow_pickle=FLAGS.allow_pickle)
     else:
       done = model_dir_lib.export_diffusers(FLAGS.to_diffusers, FLAGS.out)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except BaseException as e:
+    if created and os.path.exists(FLAGS.out):
+      store.remove_tree(FLAGS.out)
+    if not isinstance(e, (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)):
+      raise
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

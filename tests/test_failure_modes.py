@@ -249,3 +249,33 @@ def test_command_line_mistakes_name_the_flag_or_path(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_caption_that_is_not_utf8_names_its_metadata_line(tmp_path):
+  from PIL import Image
+  from sd_jax.data import folder as folder_lib
+  for name in ("a.png", "b.png"):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+  (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "fine"}\n'
+                                           b'{"file_name": "b.png", "text": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"metadata.jsonl, line 2: not UTF-8 \(byte 0xe9 at column 36\)"):
+    folder_lib.ImageFolderSource(str(tmp_path))
+
+
+def test_a_truncated_safetensors_file_is_named_and_a_failed_convert_leaves_no_out(tmp_path):
+  from sd_jax.models import vae as vae_models
+  from sd_jax.weights import common
+  source = tmp_path / "sd" / "vae"
+  source.mkdir(parents=True)
+  (source / "config.json").write_text(json.dumps(vae_models.vae_config_to_diffusers(vae_models.create_vae("tiny"))))
+  weights = source / "diffusion_pytorch_model.safetensors"
+  common.save_state_dict({"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32)}, weights)
+  os.truncate(weights, 40)
+  with pytest.raises(ValueError, match=re.escape(f"{weights} is not a readable safetensors file")):
+    common.load_state_dict(weights)
+  out = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-m", "sd_jax.convert", f"--from_diffusers={tmp_path / 'sd'}",
+                           f"--out={out}"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and f"error: {weights} is not a readable safetensors file" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not out.exists()

@@ -77,8 +77,13 @@ def _check_image(path: str) -> str | None:
 def _read_metadata(path: str) -> list[tuple[int, dict[str, Any]]]:
   """(line number, record) for every non-blank line of a metadata.jsonl."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}, line {lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                         f"{raw.strip()[:200]!r}. Save the file as UTF-8.") from e
       if not line.strip():
         continue
       try:

@@ -82,11 +82,16 @@ def load_state_dict(path, *, allow_pickle: bool = False, dtype=np.float32) -> di
       raise ValueError(f"{path}: tensors listed in the index but absent from the shards: {missing[:20]}")
     return out
   if name.endswith(".safetensors"):
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
-      arrays = load_file(str(path))
-    except (TypeError, ValueError):
-      arrays = _load_safetensors_via_torch(path)  # bfloat16 tensors have no numpy dtype
+      try:
+        arrays = load_file(str(path))
+      except (TypeError, ValueError):
+        arrays = _load_safetensors_via_torch(path)  # bfloat16 tensors have no numpy dtype
+    except SafetensorError as e:  # truncated or not a safetensors file at all
+      raise ValueError(f"{path} is not a readable safetensors file ({e}; {path.stat().length} bytes): it may be "
+                       "truncated (an interrupted download or copy). Copy it again.") from e
     return {k: np.asarray(v, dtype=dtype) if dtype is not None else v for k, v in arrays.items()}
   if name.endswith(PICKLE_SUFFIXES):
     if not allow_pickle:
