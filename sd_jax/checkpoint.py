@@ -17,9 +17,12 @@ the config (another model or optimizer) is not damage: that stops the run with t
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -44,6 +47,26 @@ class CheckpointMismatchError(ValueError):
 
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint's files are missing or unreadable."""
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loops():
+  """Orbax's reads of a damaged checkpoint leave tensorstore callbacks that fire after orbax closed its asyncio loop;
+  Python prints each as an "Exception ignored ... Event loop is closed" traceback. The damage itself is reported
+  (and logged) by restore_latest, so those are dropped; any other unraisable exception still reaches the hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()  # let the orphaned callbacks run while the hook is in place
+    sys.unraisablehook = previous
 
 
 def _first_line(error: BaseException) -> str:
@@ -165,6 +188,10 @@ class Checkpointer:
     A damaged checkpoint is moved aside (never deleted) and the previous one tried, with an error in the log; with
     `strict`, DamagedCheckpointError instead. Every checkpoint damaged is an error too: never a silent fresh start.
     """
+    with _quiet_closed_event_loops():
+      return self._restore_latest(abstract_state, data_iterator, strict)
+
+  def _restore_latest(self, abstract_state, data_iterator, strict):
     steps = sorted(self.all_steps(), reverse=True)
     damaged = []
     for step in steps:
