@@ -30,8 +30,9 @@ setup(
         "matplotlib>=3.9",
     ],
     extras_require={
-        # torch, diffusers and transformers are reference implementations for the parity tests, never used by
-        # sd_jax itself; ruff is the linter CI runs before the tests (ruff.toml).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch>=2.4", "diffusers>=0.35", "transformers>=4.50", "ruff>=0.15"],
+        # torch, diffusers, transformers and peft (diffusers' LoRA backend) are reference implementations for the
+        # parity tests, never used by sd_jax itself; ruff is the linter CI runs before the tests (ruff.toml).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch>=2.4", "diffusers>=0.35", "transformers>=4.50", "peft>=0.17",
+                 "ruff>=0.15"],
     },
 )
