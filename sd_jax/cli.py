@@ -247,3 +247,14 @@ def run_app(main: Callable[[list[str]], Any]) -> None:
     sys.stdout.write(usage_text(sys.modules["__main__"].__doc__, flags.FLAGS.main_module_help()))
     sys.exit(0)
   app.run(main, flags_parser=_parse_global_flags)
+
+
+def parse_lora_flag(item: str) -> tuple[str, float]:
+  """"FILE" or "FILE:SCALE" -> (file, scale); the scale multiplies the file's own alpha / rank."""
+  path, sep, scale = item.rpartition(":")
+  if sep and path and not scale.startswith(("/", "\\")):
+    try:
+      return path, float(scale)
+    except ValueError:
+      pass
+  return item, 1.0

@@ -57,6 +57,7 @@ from sd_jax.weights import store
 SAMPLER_NAMES = samplers.SAMPLER_NAMES
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+FINETUNE_SUMMARY = "finetune.json"  # in a fine-tune run's export/: its base and files (sd_jax/trainers/finetune.py)
 OUTPUT_TYPES = ("uint8", "np")
 
 
@@ -101,6 +102,7 @@ class TextToImage:
     self.num_traces = 0  # how many times a sampling function was traced (compiled); for tests and logs
     self._compiled: dict[tuple, Any] = {}
     self._placed: dict[Any, tuple] = {}
+    self._expansions: dict[str, str] = {}  # multi-vector textual-inversion token -> its tokens (with_embeddings)
 
   @classmethod
   def from_model_dir(cls, model_dir, *, dtype: str = "float32") -> "TextToImage":
@@ -129,10 +131,62 @@ class TextToImage:
     if not workdir.exists():
       raise FileNotFoundError(f"--workdir {workdir} does not exist.")
     export = workdir / "export"
+    summary = export / FINETUNE_SUMMARY
+    if summary.exists() and not (export / store.INDEX_FILE).exists():  # a LoRA / textual-inversion fine-tune
+      info = json.loads(summary.read_text())
+      pipe = cls.from_model_dir(info["base_dir"], **kwargs)
+      files = info["files"]
+      if "diffusers_lora" in files:
+        pipe.with_lora(export / files["diffusers_lora"])
+      if "embeddings" in files:
+        pipe.with_embeddings(export / files["embeddings"])
+      return pipe
     if not (export / store.INDEX_FILE).exists():
-      raise FileNotFoundError(f"{workdir} has no export/ (written when an ldm run finishes). Finish the run by "
+      raise FileNotFoundError(f"{workdir} has no export/ (written when a run finishes). Finish the run by "
                               "rerunning its training command (it resumes), or point at a model directory.")
     return cls.from_model_dir(export, **kwargs)
+
+  # -- adapters ----------------------------------------------------------------------------------------------------
+
+  def with_lora(self, path, scale: float = 1.0, *, allow_pickle: bool = False) -> "TextToImage":
+    """Merges a LoRA file (diffusers/PEFT, older diffusers or kohya layout: sd_jax/weights/lora.py) into this
+    model's U-Net (and text tower) at `scale` × the file's own alpha / rank. Several LoRAs add up. Returns self."""
+    from sd_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    from sd_jax.weights import lora as lora_weights  # pylint: disable=import-outside-toplevel
+    if not math.isfinite(scale):
+      raise ValueError(f"LoRA scale {scale}: must be a finite number.")
+    adapters = lora_weights.load(path, self.unet_params, self.text_params, allow_pickle=allow_pickle)
+    self.unet_params = jax.device_get(jax.jit(lora_lib.merge)(self.unet_params, adapters["unet"], scale))
+    if "text_encoder" in adapters:
+      self.text_params = jax.device_get(jax.jit(lora_lib.merge)(self.text_params, adapters["text_encoder"], scale))
+    self._placed.clear()
+    return self
+
+  def with_embeddings(self, path, *, allow_pickle: bool = False) -> "TextToImage":
+    """Adds the tokens of a textual-inversion file (diffusers' {token: tensor}, or A1111's, whose token is the file
+    name) to the tokenizer and their rows to the text tower's embedding table (weights/model_dir.py
+    `add_embeddings`: a token of n > 1 vectors is written once in a prompt). Returns self."""
+    from sd_jax.weights import lora as lora_weights  # pylint: disable=import-outside-toplevel
+    embeddings = lora_weights.load_embeddings(path, allow_pickle=allow_pickle)
+    try:
+      self.text, self.text_params, expansions = model_dir_lib.add_embeddings(self.tokenizer, self.text,
+                                                                             self.text_params, embeddings)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from e
+    self._expansions.update(expansions)
+    self._placed.clear()
+    self._compiled.clear()
+    return self
+
+  def _expand(self, prompts: Sequence[str]) -> list[str]:
+    """Multi-vector textual-inversion tokens written once in a prompt stand for all their vectors' tokens."""
+    if not self._expansions:
+      return list(prompts)
+    out = []
+    for prompt in prompts:
+      words = prompt.split(" ")
+      out.append(" ".join(self._expansions.get(w.lower(), w) for w in words))
+    return out
 
   # -------------------------------------------------------------------------------------------------------------
 
@@ -242,7 +296,7 @@ class TextToImage:
                width: int | None = None, eta: float = 0.0, batch_size: int | None = None,
                sampler: str = DEFAULT_SAMPLER, guidance_rescale: float = 0.0, init_image=None,
                strength: float = DEFAULT_STRENGTH, progress: bool = False, output_type: str = "uint8",
-               params: Mapping[str, Any] | None = None) -> np.ndarray:
+               params: Mapping[str, Any] | None = None, first_index: int = 0) -> np.ndarray:
     """[len(prompts) * num_images, H, W, 3]: num_images images per prompt, prompt-major.
 
     Args:
@@ -266,6 +320,8 @@ class TextToImage:
       output_type: "uint8" (default) or "np" (float32 in [0, 1], as diffusers' output_type="np").
       params: {"unet", "vae", "text_encoder"} parameter trees to draw with instead of the model's own (a trainer's
         parameters of the moment).
+      first_index: the index of the first image of this call among all the images of `seed` (image k of the call is
+        image first_index + k): draws the rest of a set of images that was interrupted, the same as one call would.
     """
     if not prompts:
       raise ValueError("no prompts given.")
@@ -326,14 +382,17 @@ class TextToImage:
       if img2img:
         images_in = init[start:start + batch_size]
         images_in = np.concatenate([images_in, np.repeat(images_in[-1:], pad, axis=0)]) if pad else images_in
-      indices = np.arange(start, start + batch_size, dtype=np.int32)  # padding rows: indices past the end
-      images = fn(*params, self.tokenizer(chunk), self.tokenizer(neg), seed_key, indices, images_in)
+      # Image k of the call is image first_index + k of the seed; padding rows get the indices past the end.
+      indices = np.arange(first_index + start, first_index + start + batch_size, dtype=np.int32)
+      images = fn(*params, self.tokenizer(self._expand(chunk)), self.tokenizer(self._expand(neg)), seed_key, indices,
+                  images_in)
       images = np.asarray(jax.device_get(images))[:real]
       bad = np.flatnonzero(~np.isfinite(images.reshape(real, -1)).all(axis=1))
       if bad.size:
         i = int(bad[0])
         raise FloatingPointError(
-            f"the sampler produced NaN/Inf for prompt {chunk[i]!r} (image {start + i} of seed {seed}; "
+            f"the sampler produced NaN/Inf for prompt {chunk[i]!r} (image {first_index + start + i} of seed "
+            f"{seed}; "
             f"{bad.size} of this batch's {real} images): the model's weights or the settings ({config.sampler}, "
             f"{steps} steps, guidance {guidance}) give non-finite latents. No image was written.")
       out.append(images_lib.to_uint8(images) if output_type == "uint8" else (images + 1.0) / 2.0)

@@ -5,11 +5,16 @@
   python -m sd_jax.sample --pretrained sd15 --prompts_file prompts.txt --negative_prompt "blurry" --out /tmp/s
   python -m sd_jax.sample --pretrained sd15 --prompt "a watercolour fox" --init_image fox.png --strength 0.6 \\
       --out /tmp/img2img
+  python -m sd_jax.sample --pretrained stable-diffusion-v1-5 --lora my_dog.safetensors:0.8 \\
+      --embedding learned_embeds.safetensors --prompt "a photo of sks dog" --out /tmp/dog
 
 --workdir takes a finished ldm run (its WORKDIR/export: the EMA U-Net with the VAE and text tower it was trained
-with); --pretrained an sd_jax model directory (`python -m sd_jax.convert --from_diffusers DIR --out OUT`). The
-command writes OUT/0000_<prompt>.png, ... (num_images per prompt, prompt-major), OUT/grid.png (the images under
-their prompts) and OUT/settings.json (every setting, the resolved scheduler and the file names).
+with) or a fine-tune run (its base with its LoRA and embeddings); --pretrained an sd_jax model directory, a diffusers
+directory or an original single .safetensors file (the last two converted once into a cache, ~/.cache/sd_jax/
+converted). --lora FILE[:SCALE] (diffusers, PEFT or kohya files; repeatable) and --embedding FILE (textual inversion,
+diffusers or A1111) apply adapters to any base. The command writes OUT/0000_<prompt>.png, ... (num_images per
+prompt, prompt-major), OUT/grid.png (the images under their prompts) and OUT/settings.json (every setting, the
+resolved scheduler and the file names).
 
 The library behind it is sd_jax/generate.py (`TextToImage`).
 """
@@ -30,7 +35,7 @@ from etils import epath
 from sd_jax import cli
 from sd_jax import generate
 from sd_jax import images as images_lib
-from sd_jax.weights import store
+from sd_jax.weights import model_dir as model_dir_lib
 
 SAMPLER_NAMES = generate.SAMPLER_NAMES
 DEFAULT_SAMPLER = generate.DEFAULT_SAMPLER
@@ -50,10 +55,16 @@ def _command() -> cli.Command:
   """The command's flags, on a FlagValues of its own (sd_jax/cli.py: one per call)."""
   cmd = cli.Command("python -m sd_jax.sample", __doc__)
   fv = cmd.flags
-  flags.DEFINE_string("workdir", None, "A finished ldm run: samples its export/ (EMA U-Net, VAE, text tower).",
-                      flag_values=fv)
-  flags.DEFINE_string("pretrained", None, "An sd_jax model directory (from `python -m sd_jax.convert "
-                      "--from_diffusers DIR --out MODEL_DIR`).", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "A finished ldm or fine-tune run: samples its export/ (the EMA U-Net with its "
+                      "VAE and text tower; a fine-tune's base with its LoRA and embeddings).", flag_values=fv)
+  flags.DEFINE_string("pretrained", None, "A model: an sd_jax model directory, a diffusers directory or an original "
+                      "single .safetensors file (the last two converted once, into a cache).", flag_values=fv)
+  flags.DEFINE_multi_string("lora", [], "A LoRA file to apply, FILE or FILE:SCALE (diffusers, PEFT or kohya layout; "
+                            "repeatable: several add up).", flag_values=fv)
+  flags.DEFINE_multi_string("embedding", [], "A textual-inversion file whose tokens the prompts may use (diffusers' "
+                            "learned_embeds.safetensors or A1111's; repeatable).", flag_values=fv)
+  flags.DEFINE_bool("allow_pickle", False, "Also read pickle-based .ckpt / .bin / .pt files (they can run code: only "
+                    "files you trust).", flag_values=fv)
   flags.DEFINE_multi_string("prompt", None, "One or more prompts: --prompt A B, or --prompt A --prompt B",
                             flag_values=fv)
   flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines are skipped).",
@@ -125,13 +136,7 @@ def _load_pipeline(args) -> generate.TextToImage:
   try:
     if args.workdir is not None:
       return generate.TextToImage.from_workdir(args.workdir, dtype=args.dtype)
-    model_dir = epath.Path(args.pretrained)
-    if not model_dir.is_dir():
-      raise CommandError(f"--pretrained {model_dir} does not exist (or is not a directory).")
-    if not (model_dir / store.INDEX_FILE).exists() and (model_dir / "model_index.json").exists():
-      raise CommandError(f"--pretrained {model_dir} is a diffusers directory, not an sd_jax model directory. Convert "
-                         f"it once with `python -m sd_jax.convert --from_diffusers {model_dir} --out MODEL_DIR`, "
-                         "then pass --pretrained MODEL_DIR.")
+    model_dir = model_dir_lib.resolve_model(args.pretrained, what="--pretrained", allow_pickle=args.allow_pickle)
     return generate.TextToImage.from_model_dir(model_dir, dtype=args.dtype)
   except (FileNotFoundError, ValueError) as e:
     flag = "--workdir" if args.workdir is not None else "--pretrained"
@@ -177,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     prompts = _read_prompts(args)
     pipe = _load_pipeline(args)
+    for item in args.lora:
+      path, scale = cli.parse_lora_flag(item)
+      pipe.with_lora(path, scale, allow_pickle=args.allow_pickle)
+    for path in args.embedding:
+      pipe.with_embeddings(path, allow_pickle=args.allow_pickle)
     config = pipe.sampler_config(args.sampler, args.eta)
     init_image, height, width = None, args.height, args.width
     if args.init_image is not None:
@@ -201,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     images_lib.save_png(image, out / names[-1])
   images_lib.save_png(images_lib.prompt_grid(images, prompts, args.num_images), out / "grid.png")
   settings = {
-      "model": str(args.workdir or args.pretrained), "prompts": prompts, "negative_prompt": args.negative_prompt,
+      "model": str(args.workdir or args.pretrained), "lora": list(args.lora), "embedding": list(args.embedding),
+      "prompts": prompts, "negative_prompt": args.negative_prompt,
       "num_images": args.num_images, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
       "guidance_rescale": args.guidance_rescale, "eta": args.eta, "seed": args.seed,
       "height": int(images.shape[1]), "width": int(images.shape[2]), "batch_size": args.batch_size,

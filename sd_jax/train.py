@@ -302,13 +302,13 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
                        "--config.init_from to export the params of another run as they are).")
     logging.warning("config.total_steps=0: the export will hold the params of config.init_from=%s, untrained.",
                     config.init_from)
+  # --- Data (a task may first write derived data, e.g. the ldm trainer's precomputed latents).
+  task.prepare_data(workdir)
   _write_config(config, task, workdir)
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), mesh.devices.size,
                mesh.devices.flat[0].platform, jax.process_count())
   global_batch = config.batch_size
 
-  # --- Data (a task may first write derived data, e.g. the ldm trainer's precomputed latents).
-  task.prepare_data()
   dataset = task.dataset_config()
   data_iter = input_pipeline.create_iterator(dataset, split=dataset.train_split,
                                        global_batch_size=global_batch, seed=config.seed, train=True)

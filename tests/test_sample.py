@@ -10,6 +10,7 @@ fast; the command-line tests reuse those settings.
 """
 
 import json
+import pathlib
 
 import diffusers
 import jax
@@ -257,6 +258,21 @@ def test_command_writes_images_grid_and_settings(model, pipe, tmp_path):
   assert json.loads((out2 / "settings.json").read_text())["strength"] == 0.5
 
 
+def test_pretrained_takes_a_diffusers_directory_directly(model, pipe, data_dir, tmp_path):
+  """--pretrained DIFFUSERS_DIR: converted once into the cache beside the datasets, then reused; the images are
+  those of the sd_jax model directory converted by hand."""
+  out = tmp_path / "out"
+  argv = ["--pretrained", str(model[0]), "--prompt", PROMPTS[0], "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+          "--seed", "4", "--out", str(out)]
+  assert sample.main(argv) == 0
+  want = pipe.generate(PROMPTS[:1], steps=STEPS, guidance=GUIDANCE, seed=4)
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "0000_a_small_red_circle.png")), want[0])
+  cache = pathlib.Path(model_dir_lib.default_cache_dir())
+  (converted,) = [p for p in cache.iterdir() if p.name.startswith("sd_diffusers")]
+  stamp = (converted / "sd_jax_model.json").stat().st_mtime_ns
+  assert sample.main(argv) == 0 and (converted / "sd_jax_model.json").stat().st_mtime_ns == stamp  # reused
+
+
 def test_command_errors(model, tmp_path, capsys):
   _, model_dir, _ = model
   base = ["--prompt", "a red circle", "--out", str(tmp_path / "out")]
@@ -266,8 +282,6 @@ def test_command_errors(model, tmp_path, capsys):
   assert code == 1 and "has no export/" in err
   code, err = _main_error(capsys, ["--pretrained", str(tmp_path / "nowhere"), *base])
   assert code == 1 and "--pretrained" in err and "does not exist" in err
-  code, err = _main_error(capsys, ["--pretrained", str(model[0]), *base])  # the diffusers directory
-  assert code == 1 and "python -m sd_jax.convert --from_diffusers" in err
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
   code, err = _main_error(capsys, ["--pretrained", str(model_dir), "--prompts_file", str(empty), "--out",

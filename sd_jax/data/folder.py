@@ -7,8 +7,8 @@ Layout (the convention of other diffusion tooling):
     a.png               {"file_name": "sub/b.jpg", "text": "...", "split": "test"}
     sub/b.jpg
 
-`file_name` is relative to the folder (subdirectories allowed); `text` is the
-caption. Splits:
+`file_name` is relative to the folder (subdirectories allowed, or an absolute path); `text` is the
+caption; an integer field that every line has (e.g. `"prior": 0`) is a feature too (`dataset.label_key`). Splits:
   * a line's optional `"split"` field names its split; lines without one are
     `train` (so a plain folder is all `train`);
   * if the folder has no top-level metadata.jsonl, each subfolder with its own
@@ -174,13 +174,19 @@ class ImageFolderSource:
 
     reasons = self._validate([os.path.join(root, r["file_name"])
                               for _, r in records])
+    # Integer fields every line has (e.g. the fine-tune trainer's "prior" flag) are features too.
+    extra = set.intersection(*(set(r) for _, r in records)) - {"file_name", "text", "split"} if records else set()
+    self.int_fields: list[str] = sorted(k for k in extra if all(
+        isinstance(r[k], int) and not isinstance(r[k], bool) for _, r in records))
     self.file_names: list[str] = []
     self._captions: list[str] = []
+    self._ints: list[dict[str, int]] = []
     self.skipped: list[tuple[str, str]] = []
     for (lineno, r), reason in zip(records, reasons):
       if reason is None:
         self.file_names.append(r["file_name"])
         self._captions.append(str(r.get("text", "")))
+        self._ints.append({k: int(r[k]) for k in self.int_fields})
       elif skip_corrupt:
         self.skipped.append((r["file_name"], reason))
       else:
@@ -218,14 +224,14 @@ class ImageFolderSource:
     return self._captions[index]
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    """{"image": uint8 [H, W, 3], "caption": str} of example `index`."""
+    """{"image": uint8 [H, W, 3], "caption": str, and each of `int_fields`} of example `index`."""
     n = len(self.file_names)
     index = int(index) % n
     for attempt in range(n):
       i = (index + attempt) % n
       path = os.path.join(self.folder, self.file_names[i])
       try:
-        return {"image": load_rgb(path), "caption": self._captions[i]}
+        return {"image": load_rgb(path), "caption": self._captions[i], **self._ints[i]}
       except Exception as e:  # pylint: disable=broad-except  # decode failures
         if not self.skip_corrupt:
           raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}. "

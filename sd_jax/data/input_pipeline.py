@@ -349,7 +349,7 @@ def _open_source(cfg, split: str) -> _Source:
     src = folder_lib.ImageFolderSource(cfg.folder, split,
                                        skip_corrupt=cfg.skip_corrupt)
     return _Source(data=src, description=f"image folder {cfg.folder!r}",
-                   feature_keys=["image", "caption"], label_names=None,
+                   feature_keys=["image", "caption", *src.int_fields], label_names=None,
                    fast_caption=src.caption)
   if cfg.name == "shapes":
     builder = _shapes_builder(cfg.shapes_config, data_dir)

@@ -30,12 +30,13 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors, trainers
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_MAX_LENGTH = 77
+ADDED_TOKENS_FILE = "added_tokens.json"  # tokens added after the vocabulary ({token: id}), as transformers writes
 # CLIP's split pattern (transformers' CLIPConverter / the original CLIP repo).
 _CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _SUFFIX = "</w>"
@@ -116,6 +117,31 @@ class ClipTokenizer:
     tok.enable_padding(length=self.max_length, pad_id=self.pad_id,
                        pad_token=pad_token)
     self._tokenizer = tok
+    self.added_tokens: dict[str, int] = {}  # tokens added after the vocabulary (`add_tokens`): token -> id
+
+  def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+    """Adds new whole tokens (textual inversion's placeholders, e.g. "<sks-shape>"), matched verbatim in the text
+    after lowercasing and never split by BPE, with the ids that follow the vocabulary (as transformers'
+    `add_tokens`). Returns their ids; a token already in the vocabulary is an error."""
+    ids = []
+    for token in tokens:
+      if token != token.lower() or not token.strip() or token != token.strip():
+        raise ValueError(f"new token {token!r}: use a lowercase token without surrounding spaces (text is "
+                         "lowercased before tokens are matched), e.g. '<sks-shape>'.")
+      if self._tokenizer.token_to_id(token) is not None:
+        raise ValueError(f"new token {token!r} is already in the tokenizer's vocabulary; choose a new one.")
+      self._tokenizer.add_tokens([AddedToken(token, single_word=False, lstrip=False, rstrip=False,
+                                             normalized=True)])
+      ids.append(int(self._tokenizer.token_to_id(token)))
+      self.added_tokens[token] = ids[-1]
+    self.vocab_size = max(self.vocab_size, max(ids, default=-1) + 1)
+    return ids
+
+  def save_added_tokens(self, directory: str) -> None:
+    """Writes the added tokens as `added_tokens.json` ({token: id}, transformers' file), which
+    `load_clip_tokenizer` reads back."""
+    with open(os.path.join(directory, ADDED_TOKENS_FILE), "w", encoding="utf-8") as f:
+      json.dump(self.added_tokens, f, indent=2)
 
   def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
     """Tokenizes a string or a list of N strings -> np.int32 [N, max_length]."""
@@ -142,9 +168,19 @@ class ClipTokenizer:
       ids = ids[1:]
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]
-    text = self._tokenizer.decode(ids, skip_special_tokens=True)
-    # As CLIPTokenizerFast: the end-of-word suffix marks a space.
-    return " ".join(text.replace(_SUFFIX, " ").split())
+    # Added tokens are whole words (no end-of-word suffix marks their end): decode the pieces between them.
+    added = {i: token for token, i in self.added_tokens.items()}
+    words, piece = [], []
+    for i in ids + [None]:
+      if i is None or i in added:
+        text = self._tokenizer.decode(piece, skip_special_tokens=True) if piece else ""
+        # As CLIPTokenizerFast: the end-of-word suffix marks a space.
+        words += text.replace(_SUFFIX, " ").split()
+        words += [added[i]] if i is not None else []
+        piece = []
+      else:
+        piece.append(i)
+    return " ".join(words)
 
   def __repr__(self) -> str:
     return (f"ClipTokenizer(vocab_size={self.vocab_size}, "
@@ -215,8 +251,16 @@ def load_clip_tokenizer(directory: str,
     max_length = int(config.get("model_max_length", DEFAULT_MAX_LENGTH))
     if max_length > 100_000:  # transformers' "unset" sentinel (int(1e30))
       max_length = DEFAULT_MAX_LENGTH
-  return ClipTokenizer(vocab, merges, max_length=max_length,
-                       pad_token=pick("pad_token"), unk_token=pick("unk_token"))
+  tokenizer = ClipTokenizer(vocab, merges, max_length=max_length,
+                            pad_token=pick("pad_token"), unk_token=pick("unk_token"))
+  added = _read_json(os.path.join(directory, ADDED_TOKENS_FILE))
+  added = {token: i for token, i in added.items() if token not in vocab}  # transformers may list bos/eos there
+  for token, want in sorted(added.items(), key=lambda item: item[1]):
+    (got,) = tokenizer.add_tokens([token])
+    if got != want:
+      raise ValueError(f"{directory}/{ADDED_TOKENS_FILE}: token {token!r} has id {want}, but adding the tokens in "
+                       f"order gives {got}: the file does not fit vocab.json.")
+  return tokenizer
 
 
 def _trained_merges(tok: Tokenizer) -> list[tuple[str, str]]:

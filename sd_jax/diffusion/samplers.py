@@ -295,7 +295,9 @@ class _Plan:
   add_noise_scale: np.ndarray  # float32 [n]
 
 
-def _make_schedule(config: SamplerConfig) -> NoiseSchedule:
+def noise_schedule(config: SamplerConfig) -> NoiseSchedule:
+  """The training noise schedule `config` describes (its β table: from beta_schedule, or trained_betas; with
+  rescale_betas_zero_snr), as diffusers builds it for the scheduler."""
   if config.trained_betas is not None:  # as diffusers: the table, then the zero-SNR rescaling if asked for
     betas = np.asarray(config.trained_betas, dtype=np.float32)
     if config.rescale_betas_zero_snr:
@@ -452,7 +454,7 @@ def _plan(config: SamplerConfig, num_steps: int) -> tuple[_Plan, NoiseSchedule]:
   if not 1 <= num_steps <= config.num_train_timesteps:
     raise ValueError(f"num_steps={num_steps} must be in [1, {config.num_train_timesteps}].")
   with jax.ensure_compile_time_eval():
-    schedule = _make_schedule(config)
+    schedule = noise_schedule(config)
   return _PLANNERS[config.base_sampler](config, schedule, num_steps), schedule
 
 

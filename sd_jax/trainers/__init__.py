@@ -5,6 +5,7 @@ typed interface the shared loop (sd_jax/train.py) talks to (sd_jax/trainers/base
   clip   CLIP text and image towers trained contrastively (softmax or sigmoid loss; LiT with a locked image tower)
   ldm    the cross-attention U-Net on a frozen VAE's latents, conditioned on a (frozen or tuned) text tower
   ddpm   the U-Net in pixel space, unconditional or class-conditional
+  finetune  a Stable Diffusion model on one's own images: LoRA, DreamBooth, textual inversion, full fine-tuning
 """
 
 import importlib
@@ -12,6 +13,7 @@ import importlib
 TRAINERS = {
     "clip": "sd_jax.trainers.clip",
     "ddpm": "sd_jax.trainers.ddpm",
+    "finetune": "sd_jax.trainers.finetune",
     "ldm": "sd_jax.trainers.ldm",
     "vae": "sd_jax.trainers.vae",
 }

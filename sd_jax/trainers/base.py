@@ -73,12 +73,15 @@ class Task:
   # -- data and frozen networks ------------------------------------------------------------------------------------
 
   def dataset_config(self) -> ml_collections.ConfigDict:
-    """The dataset the loop reads (and records in config.json). Default: config.dataset. A task that completes it
-    (e.g. the clip trainer's own tokenizer) returns a completed copy; it never writes into the config."""
+    """The dataset the loop reads (and records in config.json), asked after `prepare_data`. Default: config.dataset.
+    A task that completes it (e.g. the clip trainer's own tokenizer) returns a completed copy; it never writes into
+    the config."""
     return self.config.dataset
 
-  def prepare_data(self) -> None:
-    """Runs once before the data iterators are made (e.g. the ldm trainer's precomputed latents)."""
+  def prepare_data(self, workdir: epath.Path) -> None:
+    """Runs once, in a workdir this run holds, before the data iterators are made and config.json is written: may
+    write derived data there (the fine-tune trainer's dataset and class images) or elsewhere (the ldm trainer's
+    precomputed latents)."""
 
   def frozen_abstract(self) -> Any | None:
     """Logically boxed shapes of the frozen networks (None: the task has none)."""

@@ -141,7 +141,7 @@ class Task(base.Task):
     self._prompts = None
     self._evaluator = None  # the shapes evaluator, loaded at the first evaluation that uses it
 
-  def prepare_data(self) -> None:
+  def prepare_data(self, workdir) -> None:
     """With ldm.precompute_dir: encodes the train and eval splits once (reused by later runs; sd_jax/precompute.py)."""
     if self.config.ldm.precompute_dir:
       precompute_lib.precompute(self.config, nets=self.nets)

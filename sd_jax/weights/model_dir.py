@@ -10,7 +10,9 @@ maps live in weights/unet.py, vae.py and clip.py, next to nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -91,6 +93,71 @@ def _module_fields(module) -> dict[str, Any]:
 def _save(out, name: str, module, params) -> None:
   codec = CODECS[name]()
   store.save_component(out, name, codec["to_config"](module), params)
+
+
+def default_cache_dir() -> str:
+  """Where converted models are kept: beside the datasets ($SD_JAX_DATA_DIR/../converted, else
+  ~/.cache/sd_jax/converted)."""
+  data_dir = os.environ.get("SD_JAX_DATA_DIR")
+  root = os.path.dirname(os.path.normpath(data_dir)) if data_dir else os.path.expanduser("~/.cache/sd_jax")
+  return os.path.join(root, "converted")
+
+
+def _fingerprint(path: epath.Path) -> str:
+  """Names a source by its absolute path, size and modification time (a changed file is converted again)."""
+  digest = hashlib.sha256(str(path).encode())
+  if "://" in str(path):  # an object store: its name only
+    return digest.hexdigest()[:16]
+  paths = [str(path)] if path.is_file() else sorted(
+      os.path.join(root, name) for root, _, names in os.walk(str(path)) for name in names)
+  for p in paths:
+    stat = os.stat(p)
+    digest.update(f"{os.path.relpath(p, str(path))}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+  return digest.hexdigest()[:16]
+
+
+def resolve_model(path, *, what: str = "the model", cache_dir: str | None = None, allow_pickle: bool = False,
+                  **single_file_kwargs) -> epath.Path:
+  """An sd_jax model directory for whatever a user points at: an sd_jax model directory (itself), a training
+  workdir (its export/), a diffusers directory or an original single file (converted once, into `cache_dir`,
+  default `default_cache_dir()`, and reused while the source is unchanged). Nothing of the source is modified.
+
+  `what` names the flag or config key in errors (e.g. "--pretrained")."""
+  p = epath.Path(path if "://" in str(path) else os.path.abspath(os.path.expanduser(str(path))))
+  if not p.exists():
+    raise FileNotFoundError(f"{what}={path} does not exist.")
+  if (p / store.INDEX_FILE).exists():
+    return p
+  if (p / "export" / store.INDEX_FILE).exists():
+    return p / "export"
+  is_diffusers = p.is_dir() and (p / "model_index.json").exists()
+  is_single_file = p.is_file() and p.name.endswith((".safetensors", *common.PICKLE_SUFFIXES))
+  if not (is_diffusers or is_single_file):
+    hint = " (a training workdir whose run has not finished: rerun its command to write export/)" if (
+        p / "checkpoints").is_dir() else ""
+    raise FileNotFoundError(f"{what}={path} is not a Stable Diffusion model{hint}: give an sd_jax model directory, a "
+                            "training workdir, a diffusers directory (model_index.json) or a single .safetensors file.")
+  out = epath.Path(cache_dir or default_cache_dir()) / f"{p.name.split('.')[0]}-{_fingerprint(p)}"
+  if (out / store.INDEX_FILE).exists():
+    return out
+  tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    store.remove_tree(tmp)
+  logging.info("Converting %s into %s (once).", p, out)
+  try:
+    if is_diffusers:
+      import_diffusers(p, tmp, allow_pickle=allow_pickle)
+    else:
+      import_single_file(p, tmp, allow_pickle=allow_pickle, **single_file_kwargs)
+    try:
+      tmp.rename(out)
+    except OSError:  # another process converted it first
+      store.remove_tree(tmp)
+  except BaseException:
+    if tmp.exists():
+      store.remove_tree(tmp)
+    raise
+  return out
 
 
 def load_model(model_dir, components=("unet", "vae", "text_encoder"), **module_kwargs) -> dict[str, tuple[Any, Any]]:
@@ -218,3 +285,98 @@ def import_single_file(path, out, *, image_size: int | None = None, prediction_t
   kinds = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
   store.write_index(out, kinds, source=str(path))
   return kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapters: LoRA files merged into a model, textual-inversion tokens added to it.
+
+_TOKEN_TABLE = ("embeddings", "token_embedding", "embedding")  # the CLIP text tower's token embedding table
+
+
+def add_embeddings(tokenizer, text, text_params, embeddings: dict[str, Any]) -> tuple[Any, Any, dict[str, str]]:
+  """Adds textual-inversion tokens: to `tokenizer` (in place) and as rows of the text tower's embedding table.
+
+  `embeddings`: {token: [n_vectors, dim]} (sd_jax/weights/lora.py `load_embeddings`). A token of n > 1 vectors
+  becomes n tokens (token, token_1, ...), which a prompt's `token` stands for, as diffusers does. Tokens are
+  lowercased (prompts are). Returns (the text module with the larger vocabulary, its params, {token: its tokens}).
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  table = text_params
+  for key in _TOKEN_TABLE:
+    table = table[key]
+  table = np.asarray(table)
+  expansions = {}
+  for token, rows in embeddings.items():
+    rows = np.asarray(rows, table.dtype)
+    rows = rows.reshape(-1, table.shape[1]) if rows.ndim == 1 and rows.size % table.shape[1] == 0 else rows
+    if rows.ndim != 2 or rows.shape[1] != table.shape[1]:
+      raise ValueError(f"the embedding of {token!r} has shape {rows.shape}, but the text tower's tokens are "
+                       f"{table.shape[1]}-wide: it was made for another text encoder.")
+    token = token.lower()
+    names = [token] + [f"{token}_{i}" for i in range(1, len(rows))]
+    ids = tokenizer.add_tokens(names)
+    if ids != list(range(len(table), len(table) + len(ids))):
+      raise ValueError(f"the tokenizer gives {token!r} the ids {ids}, but the text tower embeds {len(table)} tokens: "
+                       "the model's tokenizer and text tower do not match.")
+    table = np.concatenate([table, rows])
+    if len(names) > 1:
+      expansions[token] = " ".join(names)
+  params = dict(text_params)
+  node = params
+  for key in _TOKEN_TABLE[:-1]:
+    node[key] = dict(node[key])
+    node = node[key]
+  node[_TOKEN_TABLE[-1]] = table
+  text = text.clone(config=dataclasses.replace(text.config, vocab_size=len(table)))
+  return text, params, expansions
+
+
+def merge_adapters(model, out, *, loras: list[tuple[str, float]] = (), embeddings: list[str] = (),
+                   allow_pickle: bool = False) -> list[str]:
+  """A new sd_jax model directory `out`: `model` (anything `resolve_model` takes) with LoRA files merged into its
+  U-Net and text tower, each at its scale × the file's own alpha / rank, and textual-inversion tokens added to its
+  tokenizer and text tower. `model` is not modified. Returns the components written."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sd_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  from sd_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from sd_jax.weights import lora as lora_weights  # pylint: disable=import-outside-toplevel
+  base = resolve_model(model, what="--base", allow_pickle=allow_pickle)
+  index = store.read_index(base)
+  if "unet" not in index["components"]:
+    raise ValueError(f"--base {model}: {base} has no U-Net to merge a LoRA into.")
+  out = _check_out(out)
+  nets = load_model(base, [c for c in ("unet", "text_encoder") if c in index["components"]])
+  unet, unet_params = nets["unet"]
+  text, text_params = nets.get("text_encoder", (None, None))
+  merge = jax.jit(lora_lib.merge)
+  for path, scale in loras:
+    adapters = lora_weights.load(path, unet_params, text_params, allow_pickle=allow_pickle)
+    unet_params = jax.device_get(merge(unet_params, adapters["unet"], scale))
+    if "text_encoder" in adapters:
+      text_params = jax.device_get(merge(text_params, adapters["text_encoder"], scale))
+  if (base / "tokenizer").is_dir():
+    _copy_dir(base / "tokenizer", out / "tokenizer")
+  if embeddings:
+    if text is None or not (out / "tokenizer" / "vocab.json").exists():
+      raise ValueError(f"--base {model}: textual-inversion embeddings need a text tower and its tokenizer.")
+    tokenizer = tokenizer_lib.load_clip_tokenizer(str(out / "tokenizer"))
+    for path in embeddings:
+      text, text_params, expansions = add_embeddings(tokenizer, text, text_params,
+                                                     lora_weights.load_embeddings(path, allow_pickle=allow_pickle))
+      if expansions:
+        logging.warning("%s: multi-vector tokens %s; write each token once in a prompt (sample expands it).", path,
+                        sorted(expansions))
+    tokenizer.save_added_tokens(str(out / "tokenizer"))
+  _save(out, "unet", unet, unet_params)
+  written = ["unet"]
+  if text is not None:
+    _save(out, "text_encoder", text, text_params)
+    written.append("text_encoder")
+  for name in ("vae", "scheduler"):
+    if (base / name).is_dir():
+      _copy_dir(base / name, out / name)
+  written += ["vae"] if "vae" in index["components"] else []
+  kinds = {name: index["components"][name] for name in written}
+  store.write_index(out, kinds, source=f"{base} + LoRA {[p for p, _ in loras]} + embeddings {list(embeddings)}",
+                    text_clip_skip=store.read_clip_skip(base))
+  return written

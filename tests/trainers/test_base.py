@@ -38,7 +38,8 @@ class _Probe(base.Task):
   def dataset_config(self):
     return self.dataset
 
-  def prepare_data(self):
+  def prepare_data(self, workdir):
+    assert (workdir / "run.lock").exists()  # the workdir is this run's
     self.calls.append("prepare_data")
 
   def init_params(self, rng):

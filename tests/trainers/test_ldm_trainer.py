@@ -231,7 +231,7 @@ def test_text_tuning_with_v_prediction_min_snr_offset_noise_zero_terminal_snr_sn
   scheduler = DDIMScheduler.from_config(exported)
   np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), task.schedule.alphas_cumprod, rtol=1e-6, atol=1e-7)
   for sampler_config in (samplers.config_from_diffusers(exported), samplers.config_from_training(config.diffusion)):
-    np.testing.assert_array_equal(samplers._make_schedule(sampler_config).alphas_cumprod, task.schedule.alphas_cumprod)
+    np.testing.assert_array_equal(samplers.noise_schedule(sampler_config).alphas_cumprod, task.schedule.alphas_cumprod)
   assert "text_encoder" not in setup.frozen_shardings  # it moved into the trained params ...
   # ... starting from the pretrained weights (XLA drops the unused U-Net init), with logical axis names.
   initial = jax.jit(lambda rng: nn.meta.unbox(task.init_params(rng))["text_encoder"])(jax.random.PRNGKey(0))

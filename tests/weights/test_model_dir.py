@@ -200,8 +200,9 @@ def test_pickle_directory_is_refused(tmp_path):
 
 
 def test_single_file_family_detection():
-  sd2 = {model_dir_lib.LDM_UNET_PREFIX + "input_blocks.0.0.weight": np.zeros(1),
-         model_dir_lib.LDM_UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((320, 1024))}
+  prefix = model_dir_lib.LDM_UNET_PREFIX
+  sd2 = {prefix + "input_blocks.0.0.weight": np.zeros(1),
+         prefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((320, 1024))}
   assert model_dir_lib.detect_single_file(sd2) == "sd2"
   with pytest.raises(ValueError, match="not an original Stable Diffusion checkpoint"):
     model_dir_lib.detect_single_file({"foo": np.zeros(1)})
