@@ -462,8 +462,9 @@ def _command() -> cli.Command:
   fv = cmd.flags
   flags.DEFINE_string("workdir", None, "A finished ldm run: samples its export/; its config.json gives the dataset.",
                       flag_values=fv)
-  flags.DEFINE_string("pretrained", None, "An sd_jax model directory (python -m sd_jax.convert --from_diffusers DIR "
-                      "--out MODEL_DIR); give --dataset and/or --prompts_file.", flag_values=fv)
+  flags.DEFINE_string("pretrained", None, "A model: an sd_jax model directory, a diffusers directory or a single "
+                      ".safetensors file (converted once, into a cache); give --dataset and/or --prompts_file.",
+                      flag_values=fv)
   flags.DEFINE_string("metrics", None, f"Comma-separated subset of {', '.join(METRICS)}.", flag_values=fv)
   flags.DEFINE_integer("num_samples", 1000, "Images drawn, one per prompt.", flag_values=fv)
   cli.DEFINE_choice("sampler", "ddim", samplers.SAMPLER_NAMES, "The sampler.", flag_values=fv)
@@ -592,8 +593,11 @@ def run_evaluation(args, metrics: tuple[str, ...], argv: Sequence[str]) -> dict[
       raise CommandError(f"--num_reference={num_reference} (default: --num_samples), but split {split!r} has only "
                          f"{available} images: lower it.")
   try:
+    from sd_jax.weights import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
     pipe = (generate_lib.TextToImage.from_workdir(args.workdir, dtype=args.dtype) if args.workdir
-            else generate_lib.TextToImage.from_model_dir(args.pretrained, dtype=args.dtype))
+            else generate_lib.TextToImage.from_model_dir(model_dir_lib.resolve_model(args.pretrained,
+                                                                                    what="--pretrained"),
+                                                         dtype=args.dtype))
   except (FileNotFoundError, ValueError) as e:
     raise CommandError(f"{'--workdir' if args.workdir else '--pretrained'}: {e}") from e
   resolution = pipe.default_size()

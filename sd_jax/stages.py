@@ -2,6 +2,11 @@
 
   python -m sd_jax.stages --preset=demo --workdir=workdirs/demo     # README's first command (minutes on a CPU)
   python -m sd_jax.stages --preset=full --workdir=workdirs/full     # the quality bar (about an hour on 2 cores)
+  python -m sd_jax.stages --preset=demo --folder=my_images --workdir=workdirs/mine   # your own captioned images
+
+With --folder the three stages train on an image folder (metadata.jsonl captions and a `test` split) instead, and
+the run ends with a labelled grid of samples for captions of its test split (no evaluator knows what such images
+show).
 
 Each stage is the ordinary training command, run as its own process and printed before it runs:
 
@@ -160,6 +165,25 @@ def evaluate_model(model_dir, dataset: dict[str, Any], evaluator, *, num_prompts
   return results
 
 
+def folder_splits(folder: str) -> list[str]:
+  from sd_jax.data import folder as folder_lib
+  return folder_lib.available_splits(folder)
+
+
+def heldout_grid(model_dir, dataset: dict[str, Any], *, num_prompts: int, steps: int, guidance: float, seed: int,
+                 grid_path: Path, images_per_prompt: int = 2) -> list[str]:
+  """A labelled grid of samples for the first `num_prompts` captions of the test split (a folder has no evaluator
+  of what its images show); returns the prompts."""
+  from sd_jax import generate
+  from sd_jax import images as images_lib
+  prompts = heldout_prompts(dataset, "test", num_prompts)
+  pipe = generate.TextToImage.from_model_dir(model_dir)
+  images = pipe.generate(prompts, num_images=images_per_prompt, steps=steps, guidance=guidance, seed=seed,
+                         batch_size=min(64, len(prompts) * images_per_prompt))
+  images_lib.save_png(images_lib.prompt_grid(images, prompts, images_per_prompt), grid_path)
+  return prompts
+
+
 def _final_metrics(workdir: Path) -> dict[str, float]:
   from sd_jax import metrics
   last: dict[str, float] = {}
@@ -170,7 +194,8 @@ def _final_metrics(workdir: Path) -> dict[str, float]:
 
 def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-  lines = [f"# shapes {summary['preset']}: VAE → CLIP → LDM", "", "| stage | key metrics | wall | CPU |",
+  data = f"folder {summary['folder']}" if summary.get("folder") else "shapes"
+  lines = [f"# {data}, {summary['preset']}: VAE → CLIP → LDM", "", "| stage | key metrics | wall | CPU |",
            "|---|---|---|---|"]
   picks = {"vae": ("eval_psnr", "eval_l1"), "clip": ("eval_zeroshot_acc", "eval_t2i_r1", "eval_t2i_r5",
                                                       "eval_compositional_zeroshot_acc"),
@@ -180,11 +205,15 @@ def write_summary(workdir: Path, summary: dict[str, Any]) -> None:
     shown = ", ".join(f"{k} {final[k]:.4g}" for k in picks[stage] if k in final)
     times = summary["stages"].get(stage, {}).get("time", {})
     lines.append(f"| {stage} | {shown} | {times.get('wall_seconds', '-')} s | {times.get('cpu_seconds', '-')} s |")
-  lines += ["", "| held-out split | shapes accuracy (colour and kind of every named shape) | prompts | one-shape "
-            "prompts | two-shape prompts | shapes found (colour+kind / colour / kind) |", "|---|---|---|---|---|---|"]
+  if summary["heldout"]:
+    lines += ["", "| held-out split | shapes accuracy (colour and kind of every named shape) | prompts | one-shape "
+              "prompts | two-shape prompts | shapes found (colour+kind / colour / kind) |", "|---|---|---|---|---|---|"]
 
   def fmt(r, key):
     return f"{r[key]:.3f}" if isinstance(r.get(key), float) and r[key] == r[key] else "-"
+  if summary.get("grid_prompts"):
+    lines += ["", f"Samples for the first {len(summary['grid_prompts'])} captions of the test split: "
+              "samples_heldout.png."]
   for split, r in summary["heldout"].items():
     lines.append(f"| {split} | {r['accuracy']:.3f} | {r['num_prompts']} | {fmt(r, 'accuracy_one_shape')} | "
                  f"{fmt(r, 'accuracy_two_shapes')} | {fmt(r, 'shape_recall')} / {fmt(r, 'colour_recall')} / "
@@ -224,6 +253,9 @@ def _command():
                        flag_values=fv)
   flags.DEFINE_multi_string("stage_override", [], "STAGE:--config.KEY=VALUE: an extra flag for one stage's command, "
                             "e.g. ldm:--config.total_steps=100", flag_values=fv)
+  flags.DEFINE_string("folder", None, "Train on this image folder (metadata.jsonl captions, with a 'test' split: "
+                      "lines with \"split\": \"test\", or a test/ subfolder) instead of the shapes data; the run ends "
+                      "with a labelled grid of samples for captions of the test split.", flag_values=fv)
   cmd.require("workdir")
   return cmd
 
@@ -243,6 +275,19 @@ def main(argv: Sequence[str] | None = None) -> int:
       cmd.error(f"--stage_override={item!r}: use STAGE:--config.KEY=VALUE with STAGE one of {STAGES}.")
     overrides[stage].append(flag)
   num_prompts = args.num_prompts or {"demo": 100, "full": 500, "runlocal": 8}[args.preset]
+  folder = None
+  if args.folder:
+    folder = str(Path(args.folder).expanduser().resolve())
+    try:
+      splits = folder_splits(folder)
+    except (FileNotFoundError, ValueError) as e:
+      cmd.error(f"--folder={args.folder}: {e}")
+    if "test" not in splits:
+      cmd.error(f"--folder={args.folder} has no 'test' split (it has {splits}): add \"split\": \"test\" to the "
+                "metadata.jsonl lines of the images to hold out (a few percent), or put them in a test/ subfolder "
+                "with its own metadata.jsonl.")
+    for stage in STAGES:  # before the user's own overrides, which win
+      overrides[stage][:0] = ["--config.dataset.name=folder", f"--config.dataset.folder={folder}"]
 
   start = time.time()
   # Before JAX starts (here and in the stages' processes, which inherit it): on 2 cores, two data-parallel CPU
@@ -254,15 +299,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax.config.update("jax_num_cpu_devices", cpu_devices)  # this one: the evaluator and the held-out sampling
   from sd_jax import machine
   # The wall times below depend on the machine: say which, and how fast it is on a fixed convolution.
-  summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}, "machine": machine.describe()}
+  summary: dict[str, Any] = {"preset": args.preset, "stages": {}, "commands": {}, "machine": machine.describe(),
+                             "folder": folder}
   print("machine: " + "; ".join(f"{k} {v}" for k, v in summary["machine"].items()), flush=True)
-  from sd_jax.eval import shapes_eval
-  evaluator_dir = args.evaluator_dir or shapes_eval.default_evaluator_dir()
-  evaluator, report = load_or_train_evaluator(evaluator_dir, steps=args.evaluator_steps)
-  summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
-  # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*), unless its config
-  # has sample.shapes_eval_prompts = 0 (the demo: the held-out evaluation below follows right after).
-  overrides["ldm"].insert(0, f"--config.sample.shapes_evaluator={evaluator_dir}")
+  evaluator = None
+  if folder is None:  # the shapes evaluator checks what the samples show; an image folder has none
+    from sd_jax.eval import shapes_eval
+    evaluator_dir = args.evaluator_dir or shapes_eval.default_evaluator_dir()
+    evaluator, report = load_or_train_evaluator(evaluator_dir, steps=args.evaluator_steps)
+    summary["evaluator"] = {split: report["real"]["r32"][split]["prompt_accuracy"] for split in HELDOUT_SPLITS}
+    # The ldm run reports the shapes accuracy of its samples at every evaluation (eval_shapes_acc_*), unless its
+    # config has sample.shapes_eval_prompts = 0 (the demo: the held-out evaluation below follows right after).
+    overrides["ldm"].insert(0, f"--config.sample.shapes_evaluator={evaluator_dir}")
   if args.preset != "runlocal":  # the VAE posteriors and text contexts are encoded once, before the U-Net trains
     overrides["ldm"].insert(0, f"--config.ldm.precompute_dir={workdir / 'ldm_latents'}")
   for stage in STAGES:
@@ -272,11 +320,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   dataset = json.loads((workdir / "ldm" / "config.json").read_text())["dataset"]
   dataset["precomputed_dir"] = ""
-  print(f"\n=== held-out evaluation: {num_prompts} prompts per split", flush=True)
   eval_start = time.time()
-  summary["heldout"] = evaluate_model(workdir / "ldm" / "export", dataset, evaluator, num_prompts=num_prompts,
-                                      steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                      grid_path=workdir / "samples_heldout.png")
+  if evaluator is None:
+    print(f"\n=== samples for the first {num_prompts} captions of the test split", flush=True)
+    summary["heldout"] = {}
+    summary["grid_prompts"] = heldout_grid(workdir / "ldm" / "export", dataset, num_prompts=num_prompts,
+                                           steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                           grid_path=workdir / "samples_heldout.png")
+  else:
+    print(f"\n=== held-out evaluation: {num_prompts} prompts per split", flush=True)
+    summary["heldout"] = evaluate_model(workdir / "ldm" / "export", dataset, evaluator, num_prompts=num_prompts,
+                                        steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                        grid_path=workdir / "samples_heldout.png")
   summary["sampling"] = {"sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                          "eval_wall_seconds": round(time.time() - eval_start, 1)}
   summary["total_wall_seconds"] = round(time.time() - start, 1)

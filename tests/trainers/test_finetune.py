@@ -4,6 +4,8 @@ exports files that load back, and never modifies the base."""
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -198,6 +200,14 @@ def test_the_exported_files_draw_what_the_trainer_draws(base, references, tmp_pa
                       "--seed", "1", "--out", str(out)]) == 0
   drawn = np.asarray(Image.open(out / "0000_a_photo_of_zq_zq_shape.png"))
   assert np.abs(drawn.astype(int) - want[0].astype(int)).max() <= 1
+  # Merged into a copy of the base (`python -m sd_jax.convert --base --merge_lora --embedding`): a plain model.
+  merged = tmp_path / "merged"
+  command = ["-m", "sd_jax.convert", f"--base={base[0]}", f"--merge_lora={export / finetune.KOHYA_FILE}",
+             f"--embedding={export / finetune.EMBEDDINGS_FILE}", f"--out={merged}"]
+  result = subprocess.run([sys.executable, *command], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  plain = generate.TextToImage.from_model_dir(merged).generate(prompts, **settings)
+  assert np.abs(plain.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_bad_input_fails_clearly(base, tmp_path):
