@@ -102,6 +102,8 @@ def get_config(arg=None):
   c.bench = ml_collections.ConfigDict(dict(
       vae="sd",                 # VAE config (sd_jax.models.vae.VAE_CONFIGS) decoded in --mode=sample; its
                                 # scaling_factor scales the synthetic latents in --mode=train
+      lora_rank=0,              # > 0: the step of a LoRA fine-tune (frozen U-Net, rank-r adapters) instead
+      lora_targets="attention",  # sd_jax.lora.UNET_TARGETS
   ))
 
   if arg.demo:

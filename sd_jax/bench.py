@@ -116,10 +116,16 @@ class LatentUNetTask(base.Task):
   ldm.caption_dropout the empty prompt's context, a frozen input like the ldm trainer's encoded empty prompt; t, ε
   with offset noise; the U-Net with dropout when config.model.dropout > 0; min-SNR weighting), so the U-Net step
   costs what a precomputed ldm run's does.
+
+  With `bench.lora_rank` > 0 it is a LoRA fine-tune's step instead (sd_jax/trainers/finetune.py with
+  finetune.unet="lora"): the U-Net is a frozen network (sharded like the params, never in the optimizer or EMA) and
+  only rank-r adapters on `bench.lora_targets` train, which is what the AOT plan compares with full fine-tuning.
   """
 
   def __init__(self, config):
     super().__init__(config)
+    bench = config.get("bench", {})
+    self.lora_rank = int(bench.get("lora_rank", 0))
     fields = config.model.to_dict()
     derived = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
     missing = [k for k in derived if fields.get(k) is None]
@@ -138,16 +144,35 @@ class LatentUNetTask(base.Task):
     self.vae = vae_lib.create_vae(_vae_name(config))
     self.caption_dropout = config.ldm.caption_dropout if "ldm" in config else 0.0
 
-  def init_params(self, rng):
+  def _unet_init(self, rng):
     return self.model.init(rng, **self.model.example_inputs(1, self.context_length))["params"]
 
+  @property
+  def lora_spec(self):
+    from sd_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    targets = self.config.bench.get("lora_targets", "attention")
+    return lora_lib.LoraSpec(rank=self.lora_rank, targets=lora_lib.UNET_TARGETS[targets])
+
+  def init_params(self, rng):
+    if not self.lora_rank:
+      return self._unet_init(rng)
+    from sd_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    base = nn.meta.unbox(jax.eval_shape(self._unet_init, jax.random.PRNGKey(0)))
+    return lora_lib.init(rng, base, self.lora_spec)
+
   def frozen_abstract(self):
-    return {"empty_context": jax.ShapeDtypeStruct((1, self.context_length, self.context_dim), jnp.float32)}
+    frozen = {"empty_context": jax.ShapeDtypeStruct((1, self.context_length, self.context_dim), jnp.float32)}
+    if self.lora_rank:
+      frozen["unet"] = jax.eval_shape(self._unet_init, jax.random.PRNGKey(0))
+    return frozen
 
   def load_frozen(self):
     # Any fixed [1, L, D] array: the encoded empty prompt in a real run.
     rng = np.random.default_rng(0)
-    return {"empty_context": rng.standard_normal((1, self.context_length, self.context_dim)).astype(np.float32)}
+    frozen = {"empty_context": rng.standard_normal((1, self.context_length, self.context_dim)).astype(np.float32)}
+    if self.lora_rank:  # random weights of the base's shapes: timing and memory do not depend on the values
+      frozen["unet"] = random_params(self.model, self.model.example_inputs(1, self.context_length), seed=0)
+    return frozen
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     latent = (batch_size, *self.latent_hw, self.model.in_channels)
@@ -159,10 +184,18 @@ class LatentUNetTask(base.Task):
     d = self.config.diffusion
     posterior = vae_lib.DiagonalGaussian(mean=batch["latent_mean"], logvar=batch["latent_logvar"])
 
-    def model_fn(x_t, t, context, dropout_key):
+    def unet(x_t, t, context, dropout_key):
+      unet_params = frozen["unet"] if self.lora_rank else params
       if self.model.dropout > 0:
-        return self.model.apply({"params": params}, x_t, t, context, train=True, rngs={"dropout": dropout_key})
-      return self.model.apply({"params": params}, x_t, t, context)
+        return self.model.apply({"params": unet_params}, x_t, t, context, train=True, rngs={"dropout": dropout_key})
+      return self.model.apply({"params": unet_params}, x_t, t, context)
+
+    def model_fn(x_t, t, context, dropout_key):
+      if not self.lora_rank:
+        return unet(x_t, t, context, dropout_key)
+      from sd_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+      with lora_lib.applied(params, self.lora_spec.scale):
+        return unet(x_t, t, context, dropout_key)
 
     per_example, metrics = losses.latent_diffusion_loss(
         model_fn, self.schedule, posterior, batch["context"], frozen["empty_context"], keys,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from sd_jax import bench
 from sd_jax import flops
+from sd_jax import lora as lora_lib
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
 from tests import helpers
@@ -178,6 +180,21 @@ def test_train_mode_end_to_end(tmp_path):
   header, separator, written = out.read_text().strip().splitlines()
   assert header == bench.MEASURED_HEADER
   assert written.count("|") == header.count("|") and "| train |" in written and "`python -m sd_jax.bench x`" in written
+
+
+def test_lora_fine_tune_step_state_is_the_adapters_only():
+  """bench.lora_rank > 0: the U-Net is frozen (sharded like params, not in the optimizer or EMA) and only the
+  adapters train: the state holds r·(in + out) numbers per targeted projection, the frozen inputs the U-Net."""
+  config = tiny_config(**{"bench.lora_rank": 2})
+  exp = bench.make_setup(config, devices=jax.devices()[:1])
+  unet = nn.meta.unbox(jax.eval_shape(exp.task._unet_init, jax.random.PRNGKey(0)))
+  targets = [k for k in lora_lib.kernels(unet) if k.endswith(("to_q", "to_k", "to_v", "to_out_0"))]
+  want = sum(2 * (lora_lib.kernels(unet)[k][0] + lora_lib.kernels(unet)[k][1]) for k in targets)
+  assert sum(x.size for x in jax.tree.leaves(exp.abstract_state.params)) == want
+  assert bench.tree_bytes_per_device(exp.abstract_state.opt_state) == pytest.approx(2 * 4 * want, rel=0.01)
+  assert "unet" in exp.task.frozen_abstract()
+  m = bench.bench_train(config, steps=1, warmup=1, devices=jax.devices()[:1])
+  assert np.isfinite(m.extra["loss"])
 
 
 def test_sample_mode_times_ddim_and_decode():
