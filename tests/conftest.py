@@ -12,9 +12,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # nothing downloads at run time
 # Many tests compile the same tiny train step (in this process and in the subprocesses they start): share the
-# compiled programs through JAX's persistent cache.
+# compiled programs through JAX's persistent cache. Every program, however fast it compiles: op-by-op (eager) model
+# calls and jax.jit of a fresh function compile hundreds of small programs per test, and reading them back is cheaper
+# (tests/{models,weights,eval,diffusion,data} + tests/test_sample.py under -n 2, warm cache: 463 CPU-s with a 0.5 s
+# threshold, 378 with none; tests/weights/test_model_dir.py alone 109 -> 67).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "sd_jax_test_jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
