@@ -1,6 +1,8 @@
 """The shared training loop on 8 fake CPU devices: meshes, pmap, resume, restore, init_from, bad runs."""
 
+import contextlib
 import json
+import pathlib
 import re
 import shutil
 
@@ -14,6 +16,7 @@ from sd_jax import train
 from tests import helpers
 
 STEPS = 4
+RELATIVE_WORKDIR = "runs/reference"
 
 
 def _config(**overrides):
@@ -25,10 +28,34 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
-  """One uninterrupted run on a single device: the losses every other layout must reproduce."""
-  workdir = tmp_path_factory.mktemp("reference")
-  train.train_and_evaluate(_config(eval_every_steps=0, **{"mesh.data": 1}), str(workdir), devices=jax.devices()[:1])
-  return workdir
+  """One uninterrupted run on a single device: the losses every other layout must reproduce. Its --workdir is
+  relative, as in README's command (test_relative_workdir)."""
+  root = tmp_path_factory.mktemp("reference")
+  with contextlib.chdir(root):
+    train.train_and_evaluate(_config(eval_every_steps=0, **{"mesh.data": 1}), RELATIVE_WORKDIR,
+                             devices=jax.devices()[:1])
+  return root / RELATIVE_WORKDIR
+
+
+MESHES = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8, tensor=1),
+          "data2fsdp2tensor2": dict(data=2, fsdp=2, tensor=2)}
+
+
+@pytest.fixture(scope="module")
+def mesh_run(tmp_path_factory, data_dir):
+  """mesh_run(name): the workdir of the run of the reference's config on 8 devices laid out as MESHES[name], trained
+  on first use (test_sharding_equivalence, and test_resharded_restore restores the fsdp8 run's checkpoint). Saved at
+  the end only: a save of 8-device state costs several seconds, and the losses do not depend on it."""
+  runs = {}
+
+  def get(name):
+    if name not in runs:
+      workdir = tmp_path_factory.mktemp(name)
+      config = _config(save_every_steps=STEPS, **{f"mesh.{k}": v for k, v in MESHES[name].items()})
+      train.train_and_evaluate(config, str(workdir))
+      runs[name] = workdir
+    return runs[name]
+  return get
 
 
 def _assert_same_losses(workdir, reference, rtol=1e-5):
@@ -54,12 +81,9 @@ def test_workdir_contract(reference):
   assert losses[STEPS] < losses[1]
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
-                                  dict(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "data2fsdp2tensor2"])
-def test_sharding_equivalence(mesh, reference, tmp_path):
-  config = _config(**{f"mesh.{k}": v for k, v in mesh.items()})
-  train.train_and_evaluate(config, str(tmp_path))
-  _assert_same_losses(tmp_path, reference)
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_sharding_equivalence(mesh, reference, mesh_run):
+  _assert_same_losses(mesh_run(mesh), reference)
 
 
 def test_fsdp_actually_shards_params(data_dir):
@@ -71,7 +95,7 @@ def test_fsdp_actually_shards_params(data_dir):
 
 
 def test_pmap_matches_jit(reference, tmp_path):
-  train.train_and_evaluate(_config(parallelism="pmap"), str(tmp_path))
+  train.train_and_evaluate(_config(parallelism="pmap", save_every_steps=STEPS), str(tmp_path))
   _assert_same_losses(tmp_path, reference)
 
 
@@ -95,16 +119,16 @@ def test_exact_resume_after_interruption(reference, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, final[0], final[1])
 
 
-def test_resharded_restore(data_dir, tmp_path):
+def test_resharded_restore(mesh_run):
   """A checkpoint saved on 8 devices with fsdp restores onto 1 and 4 devices with identical parameters."""
-  config = _config(total_steps=2, **{"mesh.data": 1, "mesh.fsdp": 8})
-  train.train_and_evaluate(config, str(tmp_path))
-  saved = train.setup(config)
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3, with_data=False)
-  original = jax.device_get(checkpointer.restore(2, saved.abstract_state).params)
+  workdir = mesh_run("fsdp8")
+  saved = train.setup(_config(**{"mesh.data": 1, "mesh.fsdp": 8}))
+  assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(saved.state_shardings.params))
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=3, with_data=False)
+  original = jax.device_get(checkpointer.restore(STEPS, saved.abstract_state).params)
   for devices, mesh in ((jax.devices()[:1], dict(data=1, fsdp=1)), (jax.devices()[:4], dict(data=1, fsdp=4))):
     target = train.setup(_config(**{"mesh.data": mesh["data"], "mesh.fsdp": mesh["fsdp"]}), devices=devices)
-    restored = checkpointer.restore(2, target.abstract_state)
+    restored = checkpointer.restore(STEPS, target.abstract_state)
     leaves = jax.tree.leaves(restored.params)
     assert all(len(x.sharding.device_set) == len(devices) for x in leaves)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), original)
@@ -179,12 +203,12 @@ def test_resume_with_a_different_model_names_the_keys(reference, tmp_path):
   assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 
-def test_relative_workdir(reference, tmp_path, monkeypatch):
-  """README's command uses a relative --workdir; orbax needs absolute paths internally."""
-  monkeypatch.chdir(tmp_path)
-  train.train_and_evaluate(_config(total_steps=2, **{"mesh.data": 1}), "runs/relative", devices=jax.devices()[:1])
-  assert (tmp_path / "runs" / "relative" / "checkpoints" / "2").is_dir()
-  assert len(helpers.losses(tmp_path / "runs" / "relative")) == 2
+def test_relative_workdir(reference):
+  """README's command uses a relative --workdir; orbax needs absolute paths internally. The reference run had one."""
+  assert not pathlib.Path(RELATIVE_WORKDIR).is_absolute()
+  assert reference.parts[-2:] == pathlib.Path(RELATIVE_WORKDIR).parts
+  assert (reference / "checkpoints" / "2").is_dir()
+  assert len(helpers.losses(reference)) == STEPS
 
 
 def test_ema_decay_warms_up_then_holds():
