@@ -4,6 +4,7 @@ exports files that load back, and never modifies the base."""
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 
@@ -210,8 +211,11 @@ def test_the_exported_files_draw_what_the_trainer_draws(base, references, tmp_pa
   assert np.abs(plain.astype(int) - want.astype(int)).max() <= 1
 
 
-def test_bad_input_fails_clearly(base, tmp_path):
+def test_bad_input_fails_clearly(base, tmp_path, caplog):
   model, photos = base
+  with caplog.at_level(logging.WARNING):
+    finetune.Task(_config(base, "full"))  # "a photo of zq shape": every word is a known token
+  assert any("every word is a single known token" in r.getMessage() for r in caplog.records)
   with pytest.raises(ValueError, match="finetune.instance_prompt"):
     finetune.Task(_config(base, "full", **{"finetune.instance_prompt": ""})).prepare_data(tmp_path)
   empty = tmp_path / "empty"
