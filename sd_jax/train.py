@@ -321,6 +321,9 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
     logging.info("Resumed from %s step %d.", ckpt_lib.checkpoint_dir(str(workdir)), start_step)
   else:
     state = exp.init_fn(jax.random.PRNGKey(config.seed))
+    initial = task.initial_params(state.params, state_shardings.params)
+    if initial is not None:  # e.g. a fine-tune's base weights, restored onto their shardings
+      state = _with_params(state, initial, state_shardings, tx)
     if config.init_from:
       state = _init_from(state, config, exp.boxed_params, state_shardings, tx)
     start_step = 0
@@ -438,8 +441,13 @@ def _init_from(state: TrainState, config, boxed_params, state_shardings, tx) -> 
                         is_leaf=lambda x: x is None)
   logging.info("init_from %s: loaded %d of %d arrays.", config.init_from, sum(jax.tree.leaves(mask)),
                len(jax.tree.leaves(mask)))
+  return _with_params(state, params, state_shardings, tx)
+
+
+def _with_params(state: TrainState, params, state_shardings, tx) -> TrainState:
+  """A fresh state's params replaced, with the optimizer state and EMA started from them."""
   opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-  # EMA starts from the loaded params, in buffers of its own (the step donates the state).
+  # EMA starts from the new params, in buffers of its own (the step donates the state).
   ema_params = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
   return state.replace(params=params, opt_state=opt_state, ema_params=ema_params)
 

@@ -64,6 +64,13 @@ class Task:
     int32; None outside training, e.g. in `eval_metrics`)."""
     raise NotImplementedError(f"{type(self).__name__} must define loss.")
 
+  def initial_params(self, params: Params, shardings: Any) -> Params | None:
+    """The params a fresh run starts from instead of `init_params`' values (the same tree; e.g. a fine-tune's base
+    weights restored straight onto `shardings`, never through the jitted init as constants). Default: None, keep
+    `init_params`' values. The loop then starts the optimizer state and the EMA from them."""
+    del params, shardings
+    return None
+
   def eval_metrics(self, params: Params, frozen: Any, batch: dict[str, jax.Array], keys: jax.Array) -> Metrics:
     """Metrics of one held-out batch, averaged over the eval split by the loop (logged as eval_<name>). Default:
     the training loss."""

@@ -77,14 +77,6 @@ SUMMARY_FILE = "finetune.json"
 _TOKEN_TABLE = ("embeddings", "token_embedding", "embedding")  # the text tower's token embedding table
 
 
-def _with_boxes(abstract, values):
-  """`values` (host arrays) wrapped in the logical-axis boxes of `abstract` (the same tree, from eval_shape)."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-  return jax.tree.map(
-      lambda box, value: (box.replace_boxed(jnp.asarray(value, box.unbox().dtype)) if is_box(box)
-                          else jnp.asarray(value, box.dtype)), abstract, values, is_leaf=is_box)
-
-
 def _get(tree, path):
   for key in path:
     tree = tree[key]
@@ -297,17 +289,27 @@ class Task(base.Task):
     f = self.f
     unet_rng, text_rng = jax.random.split(rng)
     params: dict[str, Any] = {}
-    if f.unet == "full":  # starts from the base (its weights enter the jitted init as constants)
-      params["unet"] = _with_boxes(self._unet_abstract, self.unet_params)
+    if f.unet == "full":  # shapes and axis names only: `initial_params` puts the base's weights in
+      params["unet"] = self.unet.init(unet_rng, **self.unet.example_inputs(1, self.text_len))["params"]
     elif f.unet == "lora":
       params["unet_lora"] = lora_lib.init(unet_rng, self.unet_params, self.unet_spec)
     if f.text_encoder == "full":
-      params["text_encoder"] = _with_boxes(self._text_abstract, self.text_params)
+      base_text = self.text.clone(config=dataclasses.replace(self.text.config, vocab_size=self.base_vocab))
+      params["text_encoder"] = base_text.init(text_rng, **base_text.example_inputs())["params"]
     elif f.text_encoder == "lora":
       params["text_lora"] = lora_lib.init(text_rng, self.text_params, self.text_spec)
     if f.new_tokens:
       params["token_embeddings"] = jnp.asarray(self._initial_token_rows())
     return params
+
+  def initial_params(self, params, shardings):
+    """A full U-Net / text tower starts from the base's weights, restored onto the params' shardings."""
+    f, out = self.f, None
+    for name, mode in (("unet", f.unet), ("text_encoder", f.text_encoder)):
+      if mode == "full":
+        out = dict(params) if out is None else out
+        _, out[name] = store.load_component(self.base_dir, name, shardings=shardings[name])
+    return out
 
   def _initial_token_rows(self) -> np.ndarray:
     """[n, D]: each new token starts as the mean embedding of finetune.initializer's tokens (textual inversion's
