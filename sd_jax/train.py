@@ -318,7 +318,7 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
   state, start_step = checkpointer.restore_latest(exp.abstract_state, data_iter,
                                                   strict=config.strict_restore)
   if state is not None:
-    logging.info("Resumed from %s step %d.", ckpt_lib.checkpoint_dir(str(workdir)), start_step)
+    logging.info("Resuming from %s step %d.", ckpt_lib.checkpoint_dir(str(workdir)), start_step)
   else:
     state = exp.init_fn(jax.random.PRNGKey(config.seed))
     initial = task.initial_params(state.params, state_shardings.params)
