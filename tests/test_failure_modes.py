@@ -82,6 +82,28 @@ def test_a_dead_holder_is_taken_over_and_the_lock_released(data_dir, tmp_path, c
     assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
 
 
+def test_an_object_store_lock_is_written_read_back_and_checked(tmp_path, monkeypatch):
+  """gs:// has no atomic create: the lock is written, read back and its token checked. Run here on a local folder
+  treated as an object store."""
+  monkeypatch.setattr(workdir_lock, "_is_local", lambda path: False)
+  first = workdir_lock.WorkdirLock(tmp_path, heartbeat_s=60)
+  first.acquire()
+  try:
+    assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["token"] == first.token
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"in use by another run: pid {os.getpid()}"):
+      workdir_lock.WorkdirLock(tmp_path).acquire()
+    assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["token"] == first.token  # left alone
+  finally:
+    first.release()
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+  # A stale holder (a dead process on this host) is taken over here too.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  _write_lock(tmp_path, pid=dead.pid)
+  with workdir_lock.WorkdirLock(tmp_path) as lock:
+    assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["token"] == lock.token
+
+
 def test_a_second_run_on_a_busy_workdir_refuses(data_dir, tmp_path):
   """Two real `python -m sd_jax.main` on one workdir: the second stops with one line naming the first; the first
   trains on, and its metrics hold every step once."""
