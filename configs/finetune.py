@@ -130,6 +130,7 @@ def get_config(arg=None):
     c.sample.guidance_scale = 4.0
     c.sample.images_per_prompt = 4
     c.sample.tile_size = 64
+    c.dataset.random_flip = False  # shapes captions say left/right: a flipped image would contradict its caption
   if arg.runlocal:
     c.optim.schedule = "constant"  # a run stopped early and resumed follows the same learning rates
     c.optim.warmup_steps = 0

@@ -72,6 +72,9 @@ COLOR_RGB = {  # well separated in RGB (min pairwise distance ≈ 155)
     "white": (245, 245, 245),
 }
 KINDS = ("circle", "square", "triangle", "star", "cross")
+# Kinds `render` draws that the dataset never uses (not in KINDS, the splits or the stored ClassLabels): a concept no
+# model trained on the shapes data has seen, for fine-tuning experiments (`novel_scenes`, `concept_caption`).
+NOVEL_KINDS = ("heart",)
 SIZES = ("small", "large")
 SIZE_FRACTION = {"small": 0.30, "large": 0.46}  # bounding-box side / image side
 RELATIONS = ("none", "above", "below", "left of", "right of")
@@ -92,6 +95,7 @@ ALL_PAIRS = frozenset(itertools.product(COLORS, KINDS))
 TRAIN_PAIRS = ALL_PAIRS - COMPOSITIONAL_PAIRS  # used by `train` and `test`
 
 SPLIT_IDS = {"train": 0, "test": 1, "compositional": 2}  # seed-stream per split
+NOVEL_STREAM = 100  # seed-stream of `novel_scenes` (apart from every split's)
 
 _MARGIN = 0.01  # min distance between a shape's bounding box and the border
 _GAP = 0.04  # min gap between the two bounding boxes along the relation axis
@@ -244,10 +248,18 @@ def _outline(kind: str) -> np.ndarray | None:
     return np.array([(-t, -0.5), (t, -0.5), (t, -t), (0.5, -t), (0.5, t),
                      (t, t), (t, 0.5), (-t, 0.5), (-t, t), (-0.5, t),
                      (-0.5, -t), (-t, -t)])
+  if kind == "heart":  # a novel kind (NOVEL_KINDS): the classic parametric heart, 48 vertices
+    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))  # y down: lobes on top
+    pts = np.stack([x, y], axis=1) / 32  # 32 wide: the bounding box is 1.0 × 0.90, like a circle's width
+    pts[:, 1] -= (pts[:, 1].max() + pts[:, 1].min()) / 2  # centre the bounding box
+    return pts
   raise ValueError(f"unknown kind {kind!r}")
 
 
 _OUTLINES = {kind: _outline(kind) for kind in KINDS}
+_OUTLINES.update({kind: _outline(kind) for kind in NOVEL_KINDS})
 
 
 def render(spec: SceneSpec, resolution: int) -> np.ndarray:
@@ -268,6 +280,45 @@ def render(spec: SceneSpec, resolution: int) -> np.ndarray:
       draw.polygon([tuple(p) for p in pts.tolist()], fill=fill)
   small = canvas.resize((resolution, resolution), Image.Resampling.BOX)
   return np.asarray(small, dtype=np.uint8)
+
+
+def novel_scenes(num_scenes: int, kind: str = NOVEL_KINDS[0], *, seed: int = 0, two_shape_fraction: float = 0.3,
+                 colors: Sequence[str] = COLORS,
+                 other_pairs: Collection[tuple[str, str]] = TRAIN_PAIRS) -> list[SceneSpec]:
+  """Scenes that each show one shape of `kind` (any kind `render` draws, e.g. a novel one), for fine-tuning on it.
+
+  Scene i is drawn from `np.random.default_rng([seed, NOVEL_STREAM, i])`: one shape of `kind` in a random colour of
+  `colors`, size and position, alone or, with probability `two_shape_fraction`, with a second shape of a random
+  (colour, kind) of `other_pairs` in a clear relation (laid out as `sample_spec` lays out two shapes; the shape of
+  `kind` is the first or the second, at random). Captions: `concept_caption`.
+  """
+  if kind not in _OUTLINES:
+    raise ValueError(f"render cannot draw kind {kind!r}; it draws {KINDS + NOVEL_KINDS}")
+  if not colors or any(c not in COLOR_RGB for c in colors):
+    raise ValueError(f"colors must be some of {COLORS}, got {tuple(colors)}")
+  if not 0.0 <= two_shape_fraction <= 1.0:
+    raise ValueError(f"two_shape_fraction must be in [0, 1], got {two_shape_fraction}")
+  scenes = []
+  for i in range(num_scenes):
+    rng = np.random.default_rng([seed, NOVEL_STREAM, i])
+    two = rng.random() < two_shape_fraction
+    color = colors[int(rng.integers(len(colors)))]
+    # The layout (sizes, positions, relation) of an ordinary scene; one of its shapes becomes the novel one.
+    spec = sample_spec(rng, other_pairs, num_shapes=2 if two else 1)
+    k = int(rng.integers(len(spec.shapes)))
+    novel = dataclasses.replace(spec.shapes[k], color=color, kind=kind)
+    scenes.append(dataclasses.replace(spec, shapes=spec.shapes[:k] + (novel,) + spec.shapes[k + 1:]))
+  return scenes
+
+
+def concept_caption(spec: SceneSpec, word: str, rng: np.random.Generator | None = None,
+                    kinds: Collection[str] = NOVEL_KINDS) -> str:
+  """`caption(spec, rng)` with `word` (e.g. a rare token, "zq") as the name of every shape of `kinds`: "a red zq",
+  "a small blue zq above a green square" (the dataset's wording, canonical with `rng=None`)."""
+  if not word.strip() or " " in word.strip():
+    raise ValueError(f"word must be one word, got {word!r}")
+  renamed = tuple(dataclasses.replace(s, kind=word.strip()) if s.kind in kinds else s for s in spec.shapes)
+  return caption(dataclasses.replace(spec, shapes=renamed), rng)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

@@ -16,7 +16,13 @@ nothing from any model under test. See `ShapesClassifier` for the architecture.
   result.matches, result.accuracy            # bool [N]: every shape the prompt names is there; their mean
 
   python -m sd_jax.eval.shapes_eval --out DIR [--resolution 32] [--steps N] [--batch_size B] [--seed S] \
-      [--eval_examples 1000] [--overwrite]
+      [--eval_examples 1000] [--overwrite] [--novel_kinds heart]
+
+Novel kinds (`shapes.NOVEL_KINDS`: shapes the renderer draws that the dataset never uses, for fine-tuning a model on
+a concept it has never seen): `ConceptClassifier` (`--novel_kinds heart`) is the same classifier over the dataset's
+kinds plus those, trained the same way on renderer ground truth; its report adds the split "novel_heart" (rendered
+scenes with a heart). `score(images, prompts, aliases={"zq": "heart"})` reads a fine-tune's rare token as the kind,
+and `check_relations` checks a two-shape prompt's relation by where its two colours are.
 
 Images: uint8 [N, H, W, 3], or float [N, H, W, 3] in [-1, 1] (the pipeline's and the samplers' range), square,
 any side. A side that is a multiple of the evaluator's resolution is box-downsampled (the renderer anti-aliases
@@ -47,6 +53,7 @@ shared with other jobs (load ≈ 9); an idle machine should take well under that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -80,44 +87,71 @@ Prompt = Union[str, shapes.SceneSpec, Sequence[Pair]]
 # Prompts
 
 _COLOR_RE = "|".join(shapes.COLORS)
-_KIND_RE = "|".join(shapes.KINDS)
-# A colour then a kind ("red circle"), tolerating a size word between them ("red small circle") and plurals
-# ("circles", "crosses"). Captions put sizes first ("a small red circle"); those words are simply skipped.
-_PAIR_RE = re.compile(rf"\b({_COLOR_RE})\s+(?:(?:{'|'.join(shapes.SIZES)}|big)\s+)?({_KIND_RE})(?:s|es)?\b")
-_WORD_RE = re.compile(rf"\b({_COLOR_RE}|{_KIND_RE})(?:s|es)?\b")
 
 
-def parse_prompt(prompt: str) -> list[Pair]:
+@functools.lru_cache(maxsize=None)
+def _prompt_patterns(words: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+  """(pair pattern, lone colour-or-kind-word pattern) for kind names `words`."""
+  kind_re = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest first: no prefix wins
+  # A colour then a kind ("red circle"), tolerating a size word between them ("red small circle") and plurals
+  # ("circles", "crosses"). Captions put sizes first ("a small red circle"); those words are simply skipped.
+  pair_re = re.compile(rf"\b({_COLOR_RE})\s+(?:(?:{'|'.join(shapes.SIZES)}|big)\s+)?({kind_re})(?:s|es)?\b")
+  return pair_re, re.compile(rf"\b({_COLOR_RE}|{kind_re})(?:s|es)?\b")
+
+
+def _pairs(kinds: Sequence[str]) -> tuple[Pair, ...]:
+  """Every (colour, kind) pair of `kinds`, colour-major (the classifier's output order)."""
+  return tuple((c, k) for c in shapes.COLORS for k in kinds)
+
+
+def _check_aliases(aliases, kinds: Sequence[str]) -> dict[str, str]:
+  aliases = {str(w).lower(): k for w, k in (aliases or {}).items()}
+  bad = {w: k for w, k in aliases.items() if k not in kinds or not re.fullmatch(r"[^\W\d_][\w-]*", w)}
+  if bad:
+    raise ValueError(f"aliases {bad}: each must map one word to a kind of {tuple(kinds)}")
+  return aliases
+
+
+def parse_prompt(prompt: str, *, kinds: Sequence[str] = shapes.KINDS,
+                 aliases: dict[str, str] | None = None) -> list[Pair]:
   """The (colour, kind) of every shape a shapes caption names, in order (repeats kept).
 
   Handles every wording `shapes.caption` produces ("there is a small red circle", "a red circle under a large blue
   square", "an image of ...", "... on a black background", sizes present or not), any letter case and plurals.
+  `kinds` are the kind names it knows (default the dataset's; an evaluator of novel kinds passes its own), and
+  `aliases` maps other words to them: {"zq": "heart"} reads "a red zq" as ("red", "heart").
 
   Raises:
     ValueError: if the prompt names no shape, or names a colour without a kind (or a kind without a colour) —
       a prompt this evaluator cannot check should not silently pass.
   """
+  kinds = tuple(kinds)
+  aliases = _check_aliases(aliases, kinds)
+  pair_re, word_re = _prompt_patterns(tuple(dict.fromkeys(kinds + tuple(aliases))))
   text = prompt.lower()
-  pairs = [(m.group(1), m.group(2)) for m in _PAIR_RE.finditer(text)]
-  leftover = _WORD_RE.findall(_PAIR_RE.sub(" ", text))
+  pairs = [(m.group(1), aliases.get(m.group(2), m.group(2))) for m in pair_re.finditer(text)]
+  leftover = word_re.findall(pair_re.sub(" ", text))
   if not pairs or leftover:
     problem = "names no colour+kind shape" if not pairs else f"has unpaired colour/kind words {leftover}"
     raise ValueError(f"cannot check prompt {prompt!r}: it {problem}; expected shapes captions such as "
-                     f"'a small red circle above a blue square' (colours {shapes.COLORS}, kinds {shapes.KINDS})")
+                     f"'a small red circle above a blue square' (colours {shapes.COLORS}, kinds {kinds})")
   return pairs
 
 
-def prompt_pairs(prompt: Prompt) -> list[Pair]:
-  """(colour, kind) pairs of a caption string, a `SceneSpec`, or an explicit list of pairs."""
+def prompt_pairs(prompt: Prompt, *, kinds: Sequence[str] = shapes.KINDS,
+                 aliases: dict[str, str] | None = None) -> list[Pair]:
+  """(colour, kind) pairs of a caption string, a `SceneSpec`, or an explicit list of pairs (`kinds`, `aliases`:
+  see `parse_prompt`)."""
   if isinstance(prompt, str):
-    return parse_prompt(prompt)
+    return parse_prompt(prompt, kinds=kinds, aliases=aliases)
   if isinstance(prompt, shapes.SceneSpec):
     return [(s.color, s.kind) for s in prompt.shapes]
   pairs = [tuple(p) for p in prompt]
-  unknown = [p for p in pairs if p not in PAIR_INDEX]
+  known = set(_pairs(tuple(kinds)))
+  unknown = [p for p in pairs if p not in known]
   if unknown or not pairs:
     raise ValueError(f"unknown (colour, kind) pairs {unknown or 'none given'}; known colours {shapes.COLORS}, "
-                     f"kinds {shapes.KINDS}")
+                     f"kinds {tuple(kinds)}")
   return pairs
 
 
@@ -159,10 +193,15 @@ class ShapesClassifier(nn.Module):
   # (p = 0.5 everywhere) training first sat ~300 steps on an all-absent plateau; with it, 300 steps reach 99 %.
   logit_offset: float = -2.5
 
+  @property
+  def kind_names(self) -> tuple[str, ...]:
+    """The kinds it scores, in output order (the dataset's `KINDS`; `ConceptClassifier` adds novel ones)."""
+    return shapes.KINDS
+
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     batch, height, width, _ = images.shape
-    num_colors, num_kinds = len(shapes.COLORS), len(shapes.KINDS)
+    num_colors, num_kinds = len(shapes.COLORS), len(self.kind_names)
     if height != width or height % 16:
       raise ValueError(f"ShapesClassifier reads square images with a side divisible by 16, got {images.shape}")
     if not 1 <= self.top_colors <= num_colors:
@@ -198,6 +237,18 @@ class ShapesClassifier(nn.Module):
       full = jnp.full((batch, num_colors, num_kinds), _ABSENT_LOGIT, kind_logits.dtype)
       kind_logits = full.at[jnp.arange(batch)[:, None], chosen].set(kind_logits)
     return kind_logits.reshape(batch, num_colors * num_kinds)
+
+
+class ConceptClassifier(ShapesClassifier):
+  """A `ShapesClassifier` over `kinds`: the dataset's kinds plus novel ones the renderer draws (`shapes.NOVEL_KINDS`),
+  so that it can check a model fine-tuned on a new shape. Same network, one more kind output per colour; trained the
+  same way (`train_evaluator(..., model=ConceptClassifier())`) on renderer ground truth over every colour × kind."""
+
+  kinds: tuple[str, ...] = shapes.KINDS + shapes.NOVEL_KINDS
+
+  @property
+  def kind_names(self) -> tuple[str, ...]:
+    return tuple(self.kinds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,10 +328,12 @@ class ShapesEvaluator:
     self.resolution = resolution  # the side the network reads
     self.threshold = threshold  # probability above which a pair counts as present
     self.max_batch = max_batch  # images per forward pass
+    self.kinds = tuple(self.model.kind_names)  # the kinds it knows (the dataset's, or with novel ones)
+    self.pairs = _pairs(self.kinds)  # its outputs, colour-major
     self._probs = jax.jit(lambda p, x: jax.nn.sigmoid(self.model.apply({"params": p}, x)))
 
   def probabilities(self, images: Any) -> np.ndarray:
-    """float32 [N, len(COLORS), len(KINDS)]: probability that each colour×kind pair is present."""
+    """float32 [N, len(COLORS), len(self.kinds)]: probability that each colour×kind pair is present."""
     x = prepare_images(images, self.resolution)
     out = []
     for start in range(0, len(x), self.max_batch):
@@ -289,29 +342,31 @@ class ShapesEvaluator:
       padded = min(self.max_batch, 1 << max(0, len(chunk) - 1).bit_length())
       chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), np.float32)])
       out.append(np.asarray(self._probs(self.params, chunk))[:len(x) - start])
-    probs = np.concatenate(out) if out else np.zeros((0, len(PAIRS)), np.float32)
-    return probs.reshape(len(x), len(shapes.COLORS), len(shapes.KINDS))
+    probs = np.concatenate(out) if out else np.zeros((0, len(self.pairs)), np.float32)
+    return probs.reshape(len(x), len(shapes.COLORS), len(self.kinds))
 
   def predict(self, images: Any) -> list[dict[Pair, float]]:
     """Per image, {(colour, kind): probability} of the pairs detected (probability > threshold)."""
-    return _detected(self.probabilities(images), self.threshold)
+    return _detected(self.probabilities(images), self.threshold, self.pairs)
 
-  def score(self, images: Any, prompts: Sequence[Prompt], *, exact: bool = False) -> ScoreResult:
+  def score(self, images: Any, prompts: Sequence[Prompt], *, exact: bool = False,
+            aliases: dict[str, str] | None = None) -> ScoreResult:
     """Checks image i against prompt i (a caption, a `SceneSpec` or a list of (colour, kind) pairs).
 
     Args:
       images: [N, H, W, 3] uint8 or float in [-1, 1].
       prompts: N prompts.
       exact: also require that nothing else is detected (no extra shapes of other colour/kind pairs).
+      aliases: other words for kinds it knows, e.g. {"zq": "heart"}: a fine-tune's rare token for a novel kind.
 
     Returns:
       A `ScoreResult`; `.matches[i]` is True when every shape the prompt names has its colour+kind detected.
     """
-    named = [prompt_pairs(p) for p in prompts]
+    named = [prompt_pairs(p, kinds=self.kinds, aliases=aliases) for p in prompts]
     probs = self.probabilities(images)
     if len(named) != len(probs):
       raise ValueError(f"got {len(probs)} images but {len(named)} prompts")
-    detected = _detected(probs, self.threshold)
+    detected = _detected(probs, self.threshold, self.pairs)
     matches = np.array([all(p in d for p in n) and (not exact or set(d) == set(n))
                         for n, d in zip(named, detected, strict=True)], dtype=bool)
     return ScoreResult(matches, named, detected)
@@ -319,16 +374,16 @@ class ShapesEvaluator:
   def config_fields(self) -> dict[str, Any]:
     """What `load_evaluator` needs to rebuild it (saved as the component's config.json)."""
     return {"model": _module_fields(self.model),
-            "resolution": self.resolution, "threshold": self.threshold, "pairs": [list(p) for p in PAIRS]}
+            "resolution": self.resolution, "threshold": self.threshold, "pairs": [list(p) for p in self.pairs]}
 
 
 def _module_fields(model: ShapesClassifier) -> dict[str, Any]:
   return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
 
 
-def _detected(probs: np.ndarray, threshold: float) -> list[dict[Pair, float]]:
-  flat = probs.reshape(len(probs), len(PAIRS))
-  return [{PAIRS[j]: float(row[j]) for j in np.flatnonzero(row > threshold)} for row in flat]
+def _detected(probs: np.ndarray, threshold: float, pairs: Sequence[Pair] = PAIRS) -> list[dict[Pair, float]]:
+  flat = probs.reshape(len(probs), len(pairs))
+  return [{pairs[j]: float(row[j]) for j in np.flatnonzero(row > threshold)} for row in flat]
 
 
 def save_evaluator(evaluator: ShapesEvaluator, out_dir, *, overwrite: bool = False) -> None:
@@ -337,13 +392,15 @@ def save_evaluator(evaluator: ShapesEvaluator, out_dir, *, overwrite: bool = Fal
 
 
 def load_evaluator(out_dir) -> ShapesEvaluator:
-  """The evaluator `train_evaluator(out_dir)` saved."""
+  """The evaluator `train_evaluator(out_dir)` saved (a `ConceptClassifier` one too: its config names its kinds)."""
   fields, params = store.load_component(out_dir, COMPONENT)
-  if [tuple(p) for p in fields["pairs"]] != list(PAIRS):
-    raise ValueError(f"{out_dir}: the evaluator was trained on pairs {fields['pairs']}, but shapes now has "
-                     f"{list(PAIRS)}; retrain it")
   m = fields["model"]
-  model = ShapesClassifier(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
+  kinds = tuple(m["kinds"]) if "kinds" in m else shapes.KINDS
+  if [tuple(p) for p in fields["pairs"]] != list(_pairs(kinds)):
+    raise ValueError(f"{out_dir}: the evaluator was trained on pairs {fields['pairs']}, but shapes now has "
+                     f"{list(_pairs(kinds))}; retrain it")
+  classifier = ConceptClassifier if "kinds" in m else ShapesClassifier
+  model = classifier(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
   return ShapesEvaluator(params, model=model, resolution=fields["resolution"], threshold=fields["threshold"])
 
 
@@ -376,14 +433,17 @@ def blob_image(rng: np.random.Generator, resolution: int) -> np.ndarray:
 
 
 def render_batch(rng: np.random.Generator, batch_size: int, resolution: int, empty_fraction: float = 0.03,
-                 blob_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-  """Freshly rendered scenes over ALL colour×kind pairs: (uint8 [B, R, R, 3], multi-hot float32 [B, len(PAIRS)]).
+                 blob_fraction: float = 0.0, kinds: Sequence[str] = shapes.KINDS) -> tuple[np.ndarray, np.ndarray]:
+  """Freshly rendered scenes over ALL colour×kind pairs: (uint8 [B, R, R, 3], multi-hot float32 [B, len(pairs)]).
 
   A few images are empty (black) or hold shapeless colour blobs (`blob_image`), labelled "nothing present":
-  a failed generation must not be read as some shape.
+  a failed generation must not be read as some shape. `kinds`: the kinds drawn and labelled (default the
+  dataset's: every colour×kind pair of `shapes.ALL_PAIRS`; a `ConceptClassifier`'s adds novel kinds).
   """
+  pair_index = {pair: i for i, pair in enumerate(_pairs(tuple(kinds)))}
+  all_pairs = frozenset(pair_index)  # for the dataset's kinds, shapes.ALL_PAIRS: the same draws
   images = np.zeros((batch_size, resolution, resolution, 3), np.uint8)
-  labels = np.zeros((batch_size, len(PAIRS)), np.float32)
+  labels = np.zeros((batch_size, len(pair_index)), np.float32)
   for i in range(batch_size):
     u = rng.random()
     if u < empty_fraction:
@@ -391,10 +451,10 @@ def render_batch(rng: np.random.Generator, batch_size: int, resolution: int, emp
     if u < empty_fraction + blob_fraction:
       images[i] = blob_image(rng, resolution)
       continue
-    spec = shapes.sample_spec(rng, shapes.ALL_PAIRS)
+    spec = shapes.sample_spec(rng, all_pairs)
     images[i] = shapes.render(spec, resolution)
     for s in spec.shapes:
-      labels[i, PAIR_INDEX[(s.color, s.kind)]] = 1.0
+      labels[i, pair_index[(s.color, s.kind)]] = 1.0
   return images, labels
 
 
@@ -483,10 +543,10 @@ def load_split(builder, split: str, num_examples: int | None = None) -> RealSpli
                    [shapes.spec_from_example(ex) for ex in examples])
 
 
-def _mismatched_prompts(data: RealSplit) -> list[str]:
+def _mismatched_prompts(data: RealSplit, kinds: Sequence[str] = shapes.KINDS) -> list[str]:
   """For image i, the next caption in the split that names a pair image i does not show."""
   truth = [set(prompt_pairs(s)) for s in data.specs]
-  named = [parse_prompt(c) for c in data.captions]
+  named = [parse_prompt(c, kinds=kinds) for c in data.captions]
   out = []
   for i in range(len(data.captions)):
     for d in range(1, len(data.captions)):
@@ -499,7 +559,7 @@ def _mismatched_prompts(data: RealSplit) -> list[str]:
   return out
 
 
-def _attribute_swaps(data: RealSplit, rng: np.random.Generator) -> list[str]:
+def _attribute_swaps(data: RealSplit, rng: np.random.Generator, kinds: Sequence[str] = shapes.KINDS) -> list[str]:
   """For image i, its spec with one shape's colour or kind changed to a pair not in the image, as a caption."""
   out = []
   for spec in data.specs:
@@ -509,7 +569,7 @@ def _attribute_swaps(data: RealSplit, rng: np.random.Generator) -> list[str]:
     if rng.random() < 0.5:
       options = [dataclasses.replace(shape, color=c) for c in shapes.COLORS if (c, shape.kind) not in truth]
     else:
-      options = [dataclasses.replace(shape, kind=t) for t in shapes.KINDS if (shape.color, t) not in truth]
+      options = [dataclasses.replace(shape, kind=t) for t in kinds if (shape.color, t) not in truth]
     new = options[int(rng.integers(len(options)))]
     out.append(shapes.caption(dataclasses.replace(spec, shapes=spec.shapes[:k] + (new,) + spec.shapes[k + 1:]), rng))
   return out
@@ -536,7 +596,8 @@ def evaluate_real(evaluator: ShapesEvaluator, data: RealSplit, seed: int = 0) ->
   detected = evaluator.predict(data.images)
 
   def accept(prompts, dets):
-    return np.array([all(p in d for p in parse_prompt(prompt)) for prompt, d in zip(prompts, dets, strict=True)], bool)
+    return np.array([all(p in d for p in parse_prompt(prompt, kinds=evaluator.kinds))
+                     for prompt, d in zip(prompts, dets, strict=True)], bool)
 
   truth = [{(s.color, s.kind) for s in spec.shapes} for spec in data.specs]
   own = accept(data.captions, detected)
@@ -547,8 +608,8 @@ def evaluate_real(evaluator: ShapesEvaluator, data: RealSplit, seed: int = 0) ->
       "num_images": len(data.images),
       "prompt_accuracy": float(own.mean()),
       "exact_set_accuracy": float(np.mean([set(d) == t for d, t in zip(detected, truth, strict=True)])),
-      "mismatch_rejection": float(1 - accept(_mismatched_prompts(data), detected).mean()),
-      "attribute_swap_rejection": float(1 - accept(_attribute_swaps(data, rng), detected).mean()),
+      "mismatch_rejection": float(1 - accept(_mismatched_prompts(data, evaluator.kinds), detected).mean()),
+      "attribute_swap_rejection": float(1 - accept(_attribute_swaps(data, rng, evaluator.kinds), detected).mean()),
       "binding_swap_rejection": (float(1 - accept(bind_prompts, [detected[i] for i in bind_idx]).mean())
                                  if len(bind_idx) else None),  # None: no such image (JSON has no NaN)
       "num_binding_swaps": len(bind_idx),
@@ -578,6 +639,98 @@ def noise_fields(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
     x = _blur3(x)
   x = np.asarray(x)
   return np.clip(0.6 * x / x.std(), -1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Novel kinds and relations
+
+NOVEL_SPLIT_SEED = 9  # seed stream of `novel_split` (shapes.novel_scenes), apart from what fine-tuning data uses
+
+
+def novel_split(kind: str, num_examples: int, resolution: int, seed: int = NOVEL_SPLIT_SEED) -> RealSplit:
+  """Rendered ground truth for a novel kind (`shapes.novel_scenes`): half one-shape scenes, half with a second
+  shape of any dataset pair; captions name the kind by its own name ("a small red heart above a blue square")."""
+  specs = shapes.novel_scenes(num_examples, kind, seed=seed, two_shape_fraction=0.5, other_pairs=shapes.ALL_PAIRS)
+  rng = np.random.default_rng([seed, shapes.NOVEL_STREAM, 1])
+  images = np.stack([shapes.render(spec, resolution) for spec in specs])
+  return RealSplit(images, [shapes.caption(spec, rng) for spec in specs], specs)
+
+
+_RELATION_RE = re.compile(r"\b(above|below|under|(?:to the )?left of|(?:to the )?right of)\b")
+
+
+def parse_relation(prompt: str) -> str:
+  """The relation a two-shape caption states between its first and second shape (one of `shapes.RELATIONS`; "none"
+  when it states none). "under" reads as "below", "to the left of" as "left of"."""
+  found = _RELATION_RE.findall(prompt.lower())
+  if len(found) > 1:
+    raise ValueError(f"prompt {prompt!r} states {len(found)} relations; captions state at most one")
+  if not found:
+    return "none"
+  word = found[0].removeprefix("to the ")
+  return "below" if word == "under" else word
+
+
+def color_centroids(images: Any, resolution: int = 32) -> np.ndarray:
+  """float32 [N, len(COLORS), 3]: per palette colour, the (x, y) centre of the pixels nearest to it (x right, y down,
+  in [0, 1], as `ShapeSpec`) and their fraction of the image. A pixel counts for the nearest of the palette colours
+  and the background."""
+  x = prepare_images(images, resolution)  # [N, R, R, 3] in [-1, 1]
+  palette = _palette()  # colours, then the background
+  nearest = ((x[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # [N, R, R]
+  coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
+  out = np.zeros((len(x), len(shapes.COLORS), 3), np.float32)
+  for c in range(len(shapes.COLORS)):
+    mask = (nearest == c).astype(np.float32)
+    mass = mask.sum(axis=(1, 2))
+    safe = np.maximum(mass, 1.0)
+    out[:, c, 0] = (mask * coords[None, None, :]).sum(axis=(1, 2)) / safe
+    out[:, c, 1] = (mask * coords[None, :, None]).sum(axis=(1, 2)) / safe
+    out[:, c, 2] = mass / resolution ** 2
+  return out
+
+
+@dataclasses.dataclass
+class RelationResult:
+  """Per-image relation checks of two-shape prompts."""
+  checked: np.ndarray  # bool [N]: the prompt names two shapes of different colours and a relation
+  holds: np.ndarray  # bool [N]: checked, and the first colour's pixels lie in that relation to the second's
+
+  @property
+  def accuracy(self) -> float:
+    """Fraction of checked prompts whose relation holds (NaN when none is checked)."""
+    return float(self.holds[self.checked].mean()) if self.checked.any() else float("nan")
+
+
+def check_relations(images: Any, prompts: Sequence[str], *, kinds: Sequence[str] = shapes.KINDS,
+                    aliases: dict[str, str] | None = None, resolution: int = 32,
+                    min_fraction: float = 0.01) -> RelationResult:
+  """Does image i show prompt i's two shapes in the stated relation ("a red zq above a blue square")?
+
+  Judged by colour, not by the classifier: the centres of the pixels of each named colour (`color_centroids`),
+  compared as the dataset defines relations (`shapes.relation_between`: the dominant axis wins). Checkable only when
+  the prompt names two shapes of different colours and a relation; a colour covering less than `min_fraction` of
+  the image fails. On rendered two-colour scenes it is right every time (tests); it checks where colours are, so
+  pair it with `ShapesEvaluator.score` for what the shapes are.
+  """
+  if len(images) != len(prompts):
+    raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+  centroids = color_centroids(images, resolution)
+  checked = np.zeros(len(prompts), bool)
+  holds = np.zeros(len(prompts), bool)
+  for i, prompt in enumerate(prompts):
+    named = parse_prompt(prompt, kinds=kinds, aliases=aliases)
+    relation = parse_relation(prompt)
+    if len(named) != 2 or relation == "none" or named[0][0] == named[1][0]:
+      continue
+    checked[i] = True
+    (xa, ya, ma), (xb, yb, mb) = (centroids[i, shapes.COLORS.index(c)] for c, _ in named)
+    if min(ma, mb) < min_fraction:
+      continue
+    a = shapes.ShapeSpec(named[0][0], named[0][1], "small", float(xa), float(ya))
+    b = shapes.ShapeSpec(named[1][0], named[1][1], "small", float(xb), float(yb))
+    holds[i] = shapes.relation_between(a, b) == relation
+  return RelationResult(checked, holds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -626,7 +779,8 @@ class EvaluatorReport:
                      f"same-colour {f(m['same_color_prompt_accuracy'])}  noisy {f(m['noisy_prompt_accuracy'])}  "
                      f"heavy-noise {f(m['heavy_noise_prompt_accuracy'])} | rejects: mismatch "
                      f"{f(m['mismatch_rejection'])}  attr-swap {f(m['attribute_swap_rejection'])}  "
-                     f"bind-swap {f(m['binding_swap_rejection'])}  garbage {f(m['garbage_rejection'])}")
+                     f"bind-swap {f(m['binding_swap_rejection'])}  garbage {f(m['garbage_rejection'])}"
+                     + (f" | relation {f(m['relation_accuracy'])}" if "relation_accuracy" in m else ""))
     return "\n".join(lines)
 
 
@@ -668,7 +822,7 @@ def fit(config: TrainConfig | None = None, model: ShapesClassifier | None = None
   for step in range(config.steps):
     # Rendered while the previous step (dispatched asynchronously) still runs.
     images, labels = render_batch(data_rng, config.batch_size, res, config.empty_fraction,
-                                   config.blob_fraction)
+                                   config.blob_fraction, kinds=model.kind_names)
     params, opt_state, loss = train_step(params, opt_state, images, labels, jax.random.fold_in(key, step))
     losses.append(loss)
     if log_every and (step + 1) % log_every == 0:
@@ -699,7 +853,8 @@ def train_evaluator(
   Args:
     out_dir: where the weights (OUT/shapes_evaluator/) and OUT/report.json go; None or "": not saved.
     resolution, steps, batch_size, seed: see `TrainConfig`; `train_overrides` sets its other fields.
-    model: the classifier (default `ShapesClassifier()`).
+    model: the classifier (default `ShapesClassifier()`; `ConceptClassifier()` also learns the novel kinds and
+      reports on rendered scenes of each, as split "novel_KIND", with `check_relations`' accuracy).
     augment_config: training corruptions (default `AugmentConfig()`).
     eval_examples: images per real split to report on (the named dataset configs hold 1000).
     eval_resolutions: image sides to report at (default: `resolution` and 64). Images are rendered at that side
@@ -719,6 +874,14 @@ def train_evaluator(
   for res in (sorted({resolution, 64}) if eval_resolutions is None else eval_resolutions):
     real[f"r{res}"] = {split: evaluate_real(evaluator, regenerate_split(split, eval_examples, res), seed=seed)
                        for split in ("test", "compositional")}
+    for kind in evaluator.kinds:
+      if kind not in shapes.KINDS:  # a ConceptClassifier: its own accuracy on rendered scenes of the novel kind
+        data = novel_split(kind, eval_examples, res)
+        metrics = evaluate_real(evaluator, data, seed=seed)
+        relations = check_relations(data.images, data.captions, kinds=evaluator.kinds, resolution=resolution)
+        metrics["relation_accuracy"] = None if not relations.checked.any() else relations.accuracy
+        metrics["num_relations"] = int(relations.checked.sum())
+        real[f"r{res}"][f"novel_{kind}"] = metrics
   report = EvaluatorReport(train=dataclasses.asdict(config), augment=dataclasses.asdict(augment_config),
                            model=_module_fields(evaluator.model),
                            train_seconds=round(train_seconds, 1), final_loss=float(np.mean(losses[-50:])), real=real)
@@ -744,11 +907,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   flags.DEFINE_integer("seed", 0, "Seed of rendering, init and augmentation.", flag_values=fv)
   flags.DEFINE_integer("eval_examples", 1000, "Real images per split in the report.", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "Replace an evaluator already in --out.", flag_values=fv)
+  flags.DEFINE_list("novel_kinds", [], f"Also learn these kinds the renderer draws but the dataset never uses "
+                    f"(of {shapes.NOVEL_KINDS}): a ConceptClassifier, for models fine-tuned on them.", flag_values=fv)
   cmd.require("out")
   cmd.parse(argv)
+  unknown = [k for k in fv.novel_kinds if k not in shapes.NOVEL_KINDS]
+  if unknown:
+    print(f"error: --novel_kinds {unknown}: the renderer's novel kinds are {shapes.NOVEL_KINDS}", file=sys.stderr)
+    raise SystemExit(1)
+  model = ConceptClassifier(kinds=shapes.KINDS + tuple(fv.novel_kinds)) if fv.novel_kinds else None
   try:
     report = train_evaluator(fv.out, resolution=fv.resolution, steps=fv.steps, batch_size=fv.batch_size,
-                             seed=fv.seed, eval_examples=fv.eval_examples, overwrite=fv.overwrite,
+                             seed=fv.seed, eval_examples=fv.eval_examples, overwrite=fv.overwrite, model=model,
                              log_every=max(1, fv.steps // 10))
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
