@@ -46,3 +46,19 @@ def run_main(args: list[str], *, env: dict[str, str] | None = None, timeout: int
   if check and result.returncode != 0:
     raise AssertionError(f"sd_jax.main failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
   return result
+
+
+def randomize_torch(model, seed: int):
+  """A torch module with every parameter non-zero (diffusers zero-initialises some output layers), norms near 1."""
+  import torch  # pylint: disable=import-outside-toplevel
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=generator) * 0.05
+      p.copy_(1.0 + noise if ("norm" in name and name.endswith("weight")) else noise)
+  return model.eval()
+
+
+def public_config(config: dict) -> dict:
+  """A diffusers config without its private `_...` keys."""
+  return {k: v for k, v in config.items() if not k.startswith("_")}

@@ -31,6 +31,7 @@ from sd_jax.weights import clip as clip_weights
 from sd_jax.weights import common
 from sd_jax.weights import lora as lora_files
 from sd_jax.weights import unet as unet_weights
+from tests import helpers
 
 TOL = 1e-4
 SPEC = lora.LoraSpec(rank=4, alpha=8.0, targets=lora.UNET_TARGETS["resnet"])  # scale 2
@@ -41,18 +42,8 @@ PEFT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 PEFT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Non-zero everything (diffusers zero-initialises some output layers), norms near 1."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=generator) * 0.05
-      p.copy_(1.0 + noise if ("norm" in name and name.endswith("weight")) else noise)
-  return model.eval()
-
-
-def _public(config: dict) -> dict:
-  return {k: v for k, v in config.items() if not k.startswith("_")}
+_randomize = helpers.randomize_torch
+_public = helpers.public_config
 
 
 def _with_up(adapters, seed: int, std: float = 0.1):

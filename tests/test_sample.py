@@ -28,6 +28,7 @@ from sd_jax.models import clip as clip_models
 from sd_jax.models import unet as unet_models
 from sd_jax.models import vae as vae_models
 from sd_jax.weights import model_dir as model_dir_lib
+from tests import helpers
 
 TOL = 1e-3  # decoded images in [0, 1], float32 JAX vs float32 PyTorch
 PROMPTS = ["a small red circle", "a large green star above a blue square"]
@@ -36,18 +37,8 @@ STEPS = 4
 GUIDANCE = 3.0
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Non-zero everything (diffusers zero-initialises some output layers), norms near 1."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=generator) * 0.05
-      p.copy_(1.0 + noise if ("norm" in name and name.endswith("weight")) else noise)
-  return model.eval()
-
-
-def _public(config: dict) -> dict:
-  return {k: v for k, v in config.items() if not k.startswith("_")}
+_randomize = helpers.randomize_torch
+_public = helpers.public_config
 
 
 @pytest.fixture(scope="module")

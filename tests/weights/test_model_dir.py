@@ -31,18 +31,8 @@ from tests import helpers
 TOL = 1e-4
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Non-zero everything (diffusers zero-initialises some output layers), norms near 1."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=generator) * 0.05
-      p.copy_(1.0 + noise if ("norm" in name and name.endswith("weight")) else noise)
-  return model.eval()
-
-
-def _public(config: dict) -> dict:
-  return {k: v for k, v in config.items() if not k.startswith("_")}
+_randomize = helpers.randomize_torch
+_public = helpers.public_config
 
 
 @pytest.fixture(scope="module")
