@@ -39,6 +39,10 @@ can go straight to devices; captions (for logging or prompts) come from
                             this template filled with the label's class name
                             (ClassLabel names from the builder; "_" -> " ").
   folder = ""               name="folder": the image folder.
+  preferences = ""          name="preferences": a feedback database or a Pick-a-Pic
+                            parquet file (data/preferences.py); batches carry
+                            "image" (preferred) and "image_l"
+  preferences_test = 0      preferences: the last N pairs are the test split
   skip_corrupt = True       folder: skip unreadable images (counted and logged);
                             False -> error naming the file.
   crop = "center"           "center" | "random" (after resizing the short side
@@ -102,7 +106,7 @@ from sd_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("shapes", "folder", "tfds")
+DATASET_NAMES = ("shapes", "folder", "tfds", "preferences")
 CROP_MODES = ("center", "random")
 
 _DEFAULTS = dict(
@@ -118,6 +122,8 @@ _DEFAULTS = dict(
     label_key="",
     caption_template="a photo of a {}",
     folder="",
+    preferences="",
+    preferences_test=0,
     skip_corrupt=True,
     crop="center",
     random_flip=False,
@@ -164,6 +170,9 @@ def _resolve_config(dataset_config) -> ml_collections.ConfigDict:
   if cfg["name"] == "folder" and not cfg["folder"]:
     raise ValueError('dataset.name="folder" needs dataset.folder (a directory '
                      "with images and metadata.jsonl)")
+  if cfg["name"] == "preferences" and not cfg["preferences"]:
+    raise ValueError('dataset.name="preferences" needs dataset.preferences (a feedback database from `python -m '
+                     'sd_jax.feedback serve`, or a Pick-a-Pic-layout parquet file)')
   if cfg["tokenizer"] and not (cfg["text_key"] or cfg["label_key"]):
     raise ValueError("dataset.tokenizer is set but there is no caption source: "
                      "set dataset.text_key, or dataset.label_key with "
@@ -351,6 +360,11 @@ def _open_source(cfg, split: str) -> _Source:
     return _Source(data=src, description=f"image folder {cfg.folder!r}",
                    feature_keys=["image", "caption", *src.int_fields], label_names=None,
                    fast_caption=src.caption)
+  if cfg.name == "preferences":
+    from sd_jax.data import preferences as preferences_lib  # pylint: disable=import-outside-toplevel
+    src = preferences_lib.PreferenceSource(cfg.preferences, split, num_test=int(cfg.preferences_test))
+    return _Source(data=src, description=f"preference pairs {cfg.preferences!r}",
+                   feature_keys=["image", "image_l", "caption"], label_names=None, fast_caption=src.caption)
   if cfg.name == "shapes":
     builder = _shapes_builder(cfg.shapes_config, data_dir)
     description = f"shapes/{builder.builder_config.name}"
@@ -458,9 +472,16 @@ class _Preprocess:
   def __call__(self, example, rng: np.random.Generator | None = None) -> dict:
     image = _to_rgb(_lookup(example, self.image_key))
     flip = self.random_flip and bool(rng.random() < 0.5)
+    state = rng.bit_generator.state if rng is not None else None
     image = resize_and_crop(image, self.resolution, random_crop=self.random_crop,
                             flip=flip, rng=rng)
     out = {"image": image.astype(np.float32) / 127.5 - 1.0}
+    if "image_l" in example:  # a preference pair's other image: the same crop and flip
+      if rng is not None:
+        rng.bit_generator.state = state
+      other = resize_and_crop(_to_rgb(example["image_l"]), self.resolution,
+                              random_crop=self.random_crop, flip=flip, rng=rng)
+      out["image_l"] = other.astype(np.float32) / 127.5 - 1.0
     if self.label_key:
       out["label"] = np.int32(_lookup(example, self.label_key))
     if self.tokenizer is not None:

@@ -95,8 +95,8 @@ def _image_files(folder: str) -> list[str]:
                 if name.lower().endswith(IMAGE_SUFFIXES) and CLASS_IMAGES not in root.split(os.sep))
 
 
-def check_config(config) -> None:
-  """Value checks that need no files; ValueError naming the key."""
+def check_config(config, *, image_folder: bool = True) -> None:
+  """Value checks that need no files; ValueError naming the key (`image_folder`: the data is finetune.data)."""
   f = config.finetune
   for key in ("unet", "text_encoder"):
     if f[key] not in MODES:
@@ -107,7 +107,7 @@ def check_config(config) -> None:
   if not f.base:
     raise ValueError("config.finetune.base is empty: point it at the model to fine-tune (an sd_jax model directory, a "
                      "training workdir, a diffusers directory or a single .safetensors file).")
-  if not f.data:
+  if image_folder and not f.data:
     raise ValueError("config.finetune.data is empty: point it at a folder of images (with metadata.jsonl captions, "
                      "or with finetune.instance_prompt as every image's caption).")
   if f.prior_preservation:
@@ -127,9 +127,11 @@ def check_config(config) -> None:
 class Task(base.Task):
   """The fine-tune trainer (the interface: sd_jax/trainers/base.py)."""
 
+  image_folder = True  # the data is finetune.data (a preference trainer reads pairs instead)
+
   def __init__(self, config):
     super().__init__(config)
-    check_config(config)
+    check_config(config, image_folder=self.image_folder)
     f = self.f = config.finetune
     self.base_dir = model_dir_lib.resolve_model(f.base, what="config.finetune.base", allow_pickle=f.allow_pickle)
     index = store.read_index(self.base_dir)

@@ -1,0 +1,1 @@
+"""Learning from people's favourites: the preference store, the rating gallery and its worker."""
