@@ -28,11 +28,16 @@ setup(
         "safetensors>=0.6",
         "tensorboardX>=2.6",
         "matplotlib>=3.9",
+        # the rating gallery and preference store (python -m sd_jax.feedback): its web server, and parquet files
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pyarrow>=15",
     ],
     extras_require={
         # torch, diffusers, transformers and peft (diffusers' LoRA backend) are reference implementations for the
-        # parity tests, never used by sd_jax itself; ruff is the linter CI runs before the tests (ruff.toml).
+        # parity tests, never used by sd_jax itself; ruff is the linter CI runs before the tests (ruff.toml); httpx
+        # (fastapi's TestClient) and selenium (drives Debian's chromium) test the rating gallery.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch>=2.4", "diffusers>=0.35", "transformers>=4.50", "peft>=0.17",
-                 "ruff>=0.15"],
+                 "ruff>=0.15", "httpx>=0.27", "selenium>=4.20"],
     },
 )

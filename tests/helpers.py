@@ -62,3 +62,41 @@ def randomize_torch(model, seed: int):
 def public_config(config: dict) -> dict:
   """A diffusers config without its private `_...` keys."""
   return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def tiny_text_to_image(model: Path, captions: list[str]) -> Path:
+  """A tiny random text-to-image model directory at `model` (16 px images; a one-level U-Net: compiling dominates
+  the runs that use it; a tokenizer trained on `captions`) for the fine-tune and preference trainers' tests."""
+  import json
+
+  import flax.linen as nn
+  import jax
+
+  from sd_jax.data import tokenizer as tokenizer_lib
+  from sd_jax.models import clip as clip_lib
+  from sd_jax.models import unet as unet_lib
+  from sd_jax.models import vae as vae_lib
+  from sd_jax.weights import store
+
+  tok = tokenizer_lib.train_tokenizer(list(captions) * 8, str(model / "tokenizer"), vocab_size=600, max_length=16)
+  unet = unet_lib.create_unet(unet_lib.unet_config(
+      "tiny", sample_size=8, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+      up_block_types=("CrossAttnUpBlock2D",)))
+  vae = vae_lib.create_vae("tiny")
+  text = clip_lib.create_clip_text_model(clip_lib.clip_config("tiny").text, vocab_size=tok.vocab_size,
+                                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  for i, (name, module, config, inputs) in enumerate((
+      ("unet", unet, unet_lib.unet_config_to_diffusers(unet), unet.example_inputs(1, 16)),
+      ("vae", vae, vae_lib.vae_config_to_diffusers(vae), vae.example_inputs()),
+      ("text_encoder", text, clip_lib.clip_config_to_transformers(text.config), text.example_inputs()))):
+    # One jitted init per network: op-by-op (eager) inits compile every small op on its own, several times slower.
+    params = jax.jit(lambda key, inputs, module=module: module.init(key, **inputs))(jax.random.PRNGKey(i), inputs)
+    store.save_component(model, name, config, nn.meta.unbox(params["params"]))
+  (model / "scheduler").mkdir()
+  (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+      "_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+      "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
+      "clip_sample": False}))
+  store.write_index(model, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
+                    source="test")
+  return model

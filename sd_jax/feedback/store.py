@@ -290,6 +290,8 @@ def read_pairs(path) -> list[tuple[str, bytes, bytes, float]]:
   """(caption, image 0 bytes, image 1 bytes, label_0) of a Pick-a-Pic-layout parquet file, or of a feedback
   database (by its .sqlite / .db suffix)."""
   path = str(path)
+  if not os.path.isfile(path):  # never create an empty database where a mistyped path points
+    raise FileNotFoundError(f"{path} does not exist.")
   if path.endswith((".sqlite", ".sqlite3", ".db")):
     store = FeedbackStore(path)
     out = []

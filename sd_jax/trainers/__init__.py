@@ -6,6 +6,7 @@ typed interface the shared loop (sd_jax/train.py) talks to (sd_jax/trainers/base
   ldm    the cross-attention U-Net on a frozen VAE's latents, conditioned on a (frozen or tuned) text tower
   ddpm   the U-Net in pixel space, unconditional or class-conditional
   finetune  a Stable Diffusion model on one's own images: LoRA, DreamBooth, textual inversion, full fine-tuning
+  dpo       a Stable Diffusion model on preference pairs (Diffusion-DPO, or KTO on single favourites), LoRA or full
 """
 
 import importlib
@@ -13,6 +14,7 @@ import importlib
 TRAINERS = {
     "clip": "sd_jax.trainers.clip",
     "ddpm": "sd_jax.trainers.ddpm",
+    "dpo": "sd_jax.trainers.dpo",
     "finetune": "sd_jax.trainers.finetune",
     "ldm": "sd_jax.trainers.ldm",
     "vae": "sd_jax.trainers.vae",

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from sd_jax.feedback import server  # noqa: E402
-from sd_jax.feedback import store as store_lib  # noqa: E402
+from sd_jax.feedback import server
+from sd_jax.feedback import store as store_lib
 
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 

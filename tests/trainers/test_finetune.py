@@ -8,7 +8,6 @@ import logging
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -19,10 +18,6 @@ from sd_jax import generate
 from sd_jax import sample
 from sd_jax import train
 from sd_jax.data import input_pipeline
-from sd_jax.data import tokenizer as tokenizer_lib
-from sd_jax.models import clip as clip_lib
-from sd_jax.models import unet as unet_lib
-from sd_jax.models import vae as vae_lib
 from sd_jax.trainers import finetune
 from sd_jax.weights import lora as lora_weights
 from sd_jax.weights import store
@@ -36,29 +31,7 @@ PROMPT = "a photo of zq shape"
 def base(tmp_path_factory):
   """A tiny random text-to-image model directory (16 px images) and a folder of 3 photos without captions."""
   root = tmp_path_factory.mktemp("ft_base")
-  model = root / "model"
-  tok = tokenizer_lib.train_tokenizer(["a photo of a red circle", "a blue square", "a photo of zq shape"] * 8,
-                                      str(model / "tokenizer"), vocab_size=600, max_length=16)
-  # One level (cross-attention down, mid and up blocks): compiling dominates these runs.
-  unet = unet_lib.create_unet(unet_lib.unet_config(
-      "tiny", sample_size=8, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-      up_block_types=("CrossAttnUpBlock2D",)))
-  vae = vae_lib.create_vae("tiny")
-  text = clip_lib.create_clip_text_model(clip_lib.clip_config("tiny").text, vocab_size=tok.vocab_size,
-                                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-  for i, (name, module, config) in enumerate((
-      ("unet", unet, unet_lib.unet_config_to_diffusers(unet)), ("vae", vae, vae_lib.vae_config_to_diffusers(vae)),
-      ("text_encoder", text, clip_lib.clip_config_to_transformers(text.config)))):
-    params = nn.meta.unbox(module.init(jax.random.PRNGKey(i), **module.example_inputs())["params"]) if name != \
-        "unet" else nn.meta.unbox(module.init(jax.random.PRNGKey(i), **module.example_inputs(1, 16))["params"])
-    store.save_component(model, name, config, params)
-  (model / "scheduler").mkdir()
-  (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-      "_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-      "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
-      "clip_sample": False}))
-  store.write_index(model, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
-                    source="test")
+  model = helpers.tiny_text_to_image(root / "model", ["a photo of a red circle", "a blue square", PROMPT])
   photos = root / "photos"
   photos.mkdir()
   rng = np.random.default_rng(0)
