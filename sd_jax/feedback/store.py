@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS favourites (
   created REAL NOT NULL, UNIQUE (image_id, rater));
 CREATE INDEX IF NOT EXISTS images_by_prompt ON images (prompt);
 CREATE INDEX IF NOT EXISTS votes_by_rater ON votes (rater);
+CREATE INDEX IF NOT EXISTS votes_by_prompt ON votes (prompt);
+CREATE INDEX IF NOT EXISTS votes_by_pair ON votes (image_a, image_b);
 """
 
 

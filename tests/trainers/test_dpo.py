@@ -82,6 +82,53 @@ def test_the_loss_is_the_papers_formula():
     np.testing.assert_allclose(np.asarray(got), want[loss], rtol=1e-4, atol=1e-6)
 
 
+def test_the_loss_of_the_tiny_model_is_the_formula_in_numpy(base, references):
+  """task.loss with the trained LoRA (policy ≠ reference) against the paper's loss written out in NumPy from the
+  networks' outputs: x_t = sqrt(ᾱ_t)·z + sqrt(1 − ᾱ_t)·ε for the preferred and the other image's latents z with
+  the same t and ε per pair, e = mean‖ε − ε_θ(x_t)‖² per image, loss = mean −log σ(−β/2 ((e_θ(w) − e_θ(l)) −
+  (e_ref(w) − e_ref(l)))). The draws (latent samples, t, ε) are the trainer's, from the same keys."""
+  from sd_jax import checkpoint as ckpt_lib
+  from sd_jax.diffusion import losses as losses_lib
+  config = _config(base, "lora")
+  setup = train.setup(config, devices=jax.devices()[:1])
+  task = setup.task
+  checkpointer = ckpt_lib.Checkpointer(str(references["lora"]), keep=3, with_data=False)
+  params = checkpointer.restore(STEPS, setup.abstract_state).params
+  checkpointer.close()
+  data = input_pipeline.create_iterator(task.dataset_config(), split="train", global_batch_size=6, seed=0,
+                                        train=False)
+  batch = next(data)
+  data.close()
+  frozen, keys = setup.load_frozen(), jax.random.split(jax.random.PRNGKey(7), 6)
+  got, got_metrics = jax.jit(task.loss)(params, frozen, batch, keys)
+
+  draws = losses_lib.example_draws(keys)
+  d_keys = jax.vmap(lambda k: jax.random.split(k))(draws["latent"])
+  z = [np.asarray(task.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(
+      task.vae.apply({"params": frozen["vae"]}, batch[image], method="encode"), d_keys[:, i])))
+       for i, image in enumerate(("image", "image_l"))]
+  t = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, 1000))(draws["timestep"]))
+  eps = np.stack([np.asarray(losses_lib.offset_noise(k, (1,) + z[0].shape[1:])[0]) for k in draws["noise"]])
+  abar = np.asarray(task.schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
+  context = task.encode_text(params, frozen, batch["tokens"])
+  policy = task.unet_fn(params, frozen)
+  errors = {}
+  for name, image in (("w", z[0]), ("l", z[1])):
+    x_t = np.sqrt(abar) * image + np.sqrt(1 - abar) * eps
+    for who, fn in (("model", lambda x: policy(x, t, context, draws["dropout"][0])),
+                    ("ref", lambda x: task.unet.apply({"params": frozen["unet"]}, x, t, context))):
+      out = np.asarray(fn(x_t.astype(np.float32)), np.float64)
+      errors[who, name] = np.mean((eps - out) ** 2, axis=(1, 2, 3))
+  inside = -0.5 * config.dpo.beta * ((errors["model", "w"] - errors["model", "l"])
+                                     - (errors["ref", "w"] - errors["ref", "l"]))
+  want = np.mean(np.log1p(np.exp(-inside)))  # −log σ(x) = log(1 + e^−x)
+  assert abs(float(got_metrics["reward_margin"])) > 1e-2  # the trained policy differs from the reference
+  # The errors agree to float32 rounding, which β multiplies in the loss.
+  np.testing.assert_allclose(float(got_metrics["model_error"]), errors["model", "w"].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(got_metrics["reward_margin"]), inside.mean(), rtol=1e-3, atol=2e-3)
+  np.testing.assert_allclose(float(got), want, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_starts_at_log2_and_lowers_the_loss(base, references, method):
   """At step 1 the policy is the reference (LoRA: B = 0; full: the copy), so every pair's loss is log 2; on a fixed
