@@ -38,8 +38,10 @@ def _serve_command() -> cli.Command:
   flags.DEFINE_string("prompts", None, "A text file with one prompt per line.", flag_values=fv)
   flags.DEFINE_string("db", None, "The SQLite preference store (created if new; images in DB_images/ beside it).",
                       flag_values=fv)
-  flags.DEFINE_integer("images_per_prompt", 4, "Images drawn per prompt (seeds 0..N-1 of --seed).", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Seed of the drawn images.", flag_values=fv)
+  flags.DEFINE_integer("images_per_prompt", 4, "Images drawn per prompt (images 0..N-1 of the prompt's seed).",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Base seed: each prompt's seed is this plus a hash of the prompt, as the image "
+                       "records say.", flag_values=fv)
   flags.DEFINE_integer("steps", 25, "Sampler steps.", flag_values=fv)
   flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale.", flag_values=fv)
   flags.DEFINE_string("sampler", "ddim", "Sampler (sd_jax/diffusion/samplers.py).", flag_values=fv)

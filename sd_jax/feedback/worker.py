@@ -1,9 +1,12 @@
 """The gallery's background worker: draws the images to rate through the one generation path (sd_jax/generate.py)
 and records them in the preference store, while the server answers requests.
 
-For each prompt it draws `images_per_prompt` images in one call (image i of `seed`: samplers.image_noise), writes
-them as PNGs in the store's images folder and records each with its seed, index and sampler settings. Images
-already recorded are skipped, so a restarted server draws only what is missing.
+For each prompt it draws `images_per_prompt` images in one call, writes them as PNGs in the store's images folder and
+records each with its seed, index and sampler settings. Each prompt has its own seed, `prompt_seed(seed, prompt)`
+(image i of it: samplers.image_noise; `python -m sd_jax.sample --seed S --num_images N` draws the same images): with
+one seed for all prompts, image i of every prompt would start from the same noise, and a rater's preferences would
+partly be preferences between those few noises, which a model trained on them learns. Images already recorded are
+skipped, so a restarted server draws only what is missing.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def weights_hash(pipe) -> str:
   return digest.hexdigest()[:16]
 
 
+def prompt_seed(seed: int, prompt: str) -> int:
+  """The seed of `prompt`'s images: `seed` offset by a hash of the prompt (stable across runs and prompt files)."""
+  return (int(seed) + int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)) % (2**31)
+
+
 def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "prompt"
 
@@ -58,7 +66,8 @@ class Worker(threading.Thread):
 
   def _missing(self, prompt: str) -> list[int]:
     return [i for i in range(self.images_per_prompt)
-            if not self.store.has_image(prompt, self.model_id, self.seed, self._record_settings(i))]
+            if not self.store.has_image(prompt, self.model_id, prompt_seed(self.seed, prompt),
+                                        self._record_settings(i))]
 
   @property
   def queued(self) -> int:
@@ -71,12 +80,13 @@ class Worker(threading.Thread):
         missing = self._missing(prompt)
         if not missing:
           continue
-        images = self.pipe.generate([prompt], num_images=self.images_per_prompt, seed=self.seed, **self.settings)
+        seed = prompt_seed(self.seed, prompt)
+        images = self.pipe.generate([prompt], num_images=self.images_per_prompt, seed=seed, **self.settings)
         for i in missing:
           tag = hashlib.sha1(prompt.encode()).hexdigest()[:8]  # prompts with the same slug get different files
-          file = f"m{self.model_id}_{_slug(prompt)}_{tag}_s{self.seed}_{i}.png"
+          file = f"m{self.model_id}_{_slug(prompt)}_{tag}_s{seed}_{i}.png"
           images_lib.save_png(images[i], self.store.image_path(file))
-          self.store.add_image(prompt, self.model_id, self.seed, self._record_settings(i), file)
+          self.store.add_image(prompt, self.model_id, seed, self._record_settings(i), file)
           with self._lock:
             self._left = max(self._left - 1, 0)
         log.info("drew %d image(s) of %r", len(missing), prompt)

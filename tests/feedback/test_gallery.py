@@ -150,3 +150,65 @@ def test_export_is_pick_a_pic_layout(store, tmp_path):
     feedback_cli.main(["serve", "--model", "m", "--prompts", "p", "--db", "d", "--host", "0.0.0.0"])
   meta = json.loads(json.dumps(store.model(1)))
   assert meta == {"id": 1, "path": "/models/test", "weights_hash": "abc123"}
+
+
+class FakePipe:
+  """generate() as TextToImage's, drawing a flat image per (prompt, seed, index); records its calls."""
+
+  def __init__(self, fail_on: str | None = None):
+    self.calls, self.fail_on = [], fail_on
+
+  def generate(self, prompts, *, num_images, seed, **settings):
+    self.calls.append((tuple(prompts), num_images, seed, settings))
+    if prompts[0] == self.fail_on:
+      raise RuntimeError("out of memory")
+    return np.stack([np.full((8, 8, 3), (seed + i) % 251, np.uint8) for _ in prompts for i in range(num_images)])
+
+
+def test_worker_draws_each_prompt_with_its_own_seed_and_a_restart_draws_only_what_is_missing(tmp_path):
+  from sd_jax.feedback import worker as worker_lib
+  store = store_lib.FeedbackStore(tmp_path / "feedback.sqlite")
+  model = store.add_model("/models/test", "abc")
+  settings = {"steps": 2, "guidance": 3.0}
+  pipe = FakePipe()
+  work = worker_lib.Worker(store, pipe, model, PROMPTS[:2] + [PROMPTS[0], " "], images_per_prompt=3, seed=5,
+                           settings=settings)
+  assert work.queued == 6  # the duplicate and the blank line are dropped
+  work.start()
+  work.join(timeout=30)
+  assert work.error is None and work.queued == 0
+  seeds = [worker_lib.prompt_seed(5, p) for p in PROMPTS[:2]]
+  assert pipe.calls == [((p,), 3, s, settings) for p, s in zip(PROMPTS[:2], seeds)]
+  assert len(set(seeds)) == 2 and seeds[0] == worker_lib.prompt_seed(5, PROMPTS[0])  # per prompt, stable
+  images = store.images(limit=100)
+  assert [(i.prompt, i.seed, i.settings["index"]) for i in images] == [
+      (p, s, k) for p, s in zip(PROMPTS[:2], seeds) for k in range(3)]
+  for image in images:
+    assert image.sha256 == store_lib.file_sha256(store.image_path(image.file))
+  # A restarted server with one more prompt draws that one only; a failing draw is kept for the server to report.
+  pipe = FakePipe(fail_on=PROMPTS[2])
+  again = worker_lib.Worker(store, pipe, model, PROMPTS, images_per_prompt=3, seed=5, settings=settings)
+  assert again.queued == 3
+  again.start()
+  again.join(timeout=30)
+  assert [c[0] for c in pipe.calls] == [(PROMPTS[2],)]
+  assert isinstance(again.error, RuntimeError) and again.queued == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host=0.0.0.0"], "give --token SECRET too"),
+    (["--images_per_prompt=1"], "comparisons need at least 2 images per prompt"),
+    (["--prompts=/nonexistent/prompts.txt"], "does not exist"),
+    (["--model=/nonexistent/model"], "/nonexistent/model"),
+])
+def test_serve_refuses_bad_flags_by_name(tmp_path, capsys, args, message):
+  from sd_jax.feedback import __main__ as cli
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\n")
+  base = [f"--model={tmp_path}", f"--prompts={prompts}", f"--db={tmp_path / 'f.sqlite'}"]
+  try:
+    code = cli.main(["serve", *base, *args])
+  except SystemExit as e:
+    code = e.code
+  assert code == 1
+  assert message in capsys.readouterr().err
