@@ -19,9 +19,11 @@ names. The script
 5. draws --seeds images for each of the first --num_eval_prompts captions of `test` and `compositional` with the base
    and with the trained model (DDIM --steps, guidance --guidance; the same seeds) and scores them with the shapes
    evaluator: accuracy before and after, the gain and its standard error (paired over prompts: each prompt's mean
-   over its seeds, after minus before);
-6. writes RESULTS/results.json and RESULTS/table.md. Each stage is cached in OUT (the votes in the database, the run
-   in its workdir, scores in OUT/scores), so a rerun continues.
+   over its seeds, after minus before); the same for the first --num_eval_prompts rated prompts ("rated": does
+   the model improve where it was trained, whatever it does on new prompts);
+6. writes RESULTS/results.json and RESULTS/table.md, keeping the runs of earlier invocations on the same votes (other
+   --extra settings under another --name). Each stage is cached in OUT (the votes in the database, the run in its
+   workdir, scores in OUT/scores), so a rerun continues.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "experiments" / "results" / "feedback_loop"
 RATER = "shapes-evaluator"
 SPLITS = ("test", "compositional")
+RATED = "rated"  # the rated `train` prompts themselves, drawn again with the held-out seeds: where DPO trained
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,16 +209,18 @@ def markdown(results: dict[str, Any]) -> str:
       f"(server CPU {v['server_cpu_seconds']:.0f} s, rater CPU {v['rater_cpu_seconds']:.0f} s).", "",
       f"Held-out: the first {s['num_eval_prompts']} prompts of each split × seeds {s['seeds']}; DDIM {s['steps']} "
       f"steps, guidance {s['guidance']}. Gain = after − before, ± its standard error paired over prompts.", "",
-      "| model | training wall / CPU | test: before → after | gain ± SE | compositional: before → after | gain ± SE |",
-      "|---|---|---|---|---|---|",
+      "| model | training wall / CPU | test: before → after | gain ± SE | compositional: before → after | gain ± SE "
+      "| rated prompts: before → after | gain ± SE |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for name, run in results["runs"].items():
     row = [name, f"{run['train']['wall_seconds']:.0f} s / {run['train']['cpu_seconds']:.0f} s"]
-    for split in SPLITS:
-      g = run["gain"][split]
-      row += [f"{g['before']:.3f} → {g['after']:.3f}", f"{g['gain']:+.3f} ± {g['se']:.3f}"]
+    for split in (*SPLITS, RATED):
+      g = run["gain"].get(split)
+      row += [f"{g['before']:.3f} → {g['after']:.3f}", f"{g['gain']:+.3f} ± {g['se']:.3f}"] if g else ["–", "–"]
     lines.append("| " + " | ".join(row) + " |")
-  lines += ["", f"Command: `{results['command']}`"]
+  commands = list(dict.fromkeys(run.get("command", results["command"]) for run in results["runs"].values()))
+  lines += ["", "Commands:", "", *[f"    {c}" for c in commands]]
   return "\n".join(lines) + "\n"
 
 
@@ -268,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{8 * args.num_prompts}; lower --num_prompts.")
   train_prompts = train_prompts[:args.num_prompts]
   heldout = {split: stages.heldout_prompts(dataset, split, args.num_eval_prompts) for split in SPLITS}
+  heldout[RATED] = train_prompts[:args.num_eval_prompts]
   evaluator, _ = stages.load_or_train_evaluator(args.evaluator_dir or shapes_eval.default_evaluator_dir())
 
   votes = collect_votes(base, out, train_prompts, evaluator, env, images_per_prompt=args.images_per_prompt,
@@ -280,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   settings = {k: getattr(args, k) for k in ("num_prompts", "images_per_prompt", "num_eval_prompts", "steps",
                                             "guidance", "extra")}
   settings["seeds"] = seeds
+  settings["scored"] = list(heldout)
   (out / "scores").mkdir(exist_ok=True)
 
   def scores_of(name: str, workdir: Path, fingerprint: Any) -> dict[str, Any]:
@@ -306,15 +313,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sd_jax import metrics
     logged = [r for r in metrics.read_metrics(workdir) if "loss" in r]
     runs[name] = {"train": timing, "gain": {split: gain(before[split]["matches"], after[split]["matches"])
-                                            for split in SPLITS},
+                                            for split in (*SPLITS, RATED)},
                   "first_logged": logged[0] if logged else None, "last_logged": logged[-1] if logged else None}
     print(f"{name}: " + ", ".join(f"{split} {g['before']:.3f} -> {g['after']:.3f} ({g['gain']:+.3f} ± {g['se']:.3f})"
                                   for split, g in runs[name]["gain"].items()), flush=True)
 
+  command = "python -m experiments.feedback_loop " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+  for run in runs.values():
+    run["command"] = command
+  previous = results_dir / "results.json"
+  if previous.exists():  # runs of earlier invocations on the same votes and settings (other --extra / --name)
+    earlier = json.loads(previous.read_text())
+    same = {k: v for k, v in earlier.get("settings", {}).items() if k != "extra"} == {
+        k: v for k, v in settings.items() if k != "extra"} and earlier.get("votes") == votes
+    runs = {**(earlier.get("runs", {}) if same else {}), **runs}
   results = {"settings": settings, "base": str(base), "machine": machine.describe(), "votes": votes,
-             "command": "python -m experiments.feedback_loop " + shlex.join(
-                 sys.argv[1:] if argv is None else list(argv)),
-             "runs": runs}
+             "command": command, "runs": runs}
   (results_dir / "results.json").write_text(json.dumps(results, indent=2))
   (results_dir / "table.md").write_text(markdown(results))
   print("\n" + markdown(results), flush=True)

@@ -122,4 +122,5 @@ def test_gain_and_markdown():
   text = fl.markdown(results)
   assert "30 votes by the stand-in rater (22 preferences, 5 ties, 3 both bad)" in text
   assert "| dpo_lora | 60 s / 90 s | 0.500 → 0.750 | +0.250 ± 0.144 |" in text
+  assert "    python -m experiments.feedback_loop --base B --out O" in text
 
