@@ -12,10 +12,11 @@ Logged with it: the implicit reward accuracy (the fraction of pairs with inside_
 winner more than the reference does) and margin (the mean inside_term), and model_diff / ref_diff.
 
 It is a fine-tune (sd_jax/trainers/finetune.py): the base model, what trains (finetune.unet "lora" or "full",
-optionally the text tower) and the exports are the fine-tune trainer's. The reference is the base itself, held once:
-with a LoRA it is the frozen U-Net without its adapters (no second copy), with a full fine-tune a frozen copy of the
-base U-Net. The data is `dataset.name="preferences"`: the votes of a feedback database (`python -m sd_jax.feedback
-serve`) or a Pick-a-Pic-layout parquet file (sd_jax/data/preferences.py); ties carry no preference and are left out.
+optionally a text-tower LoRA) and the exports are the fine-tune trainer's. The reference is the base itself, held
+once: with a LoRA it is the frozen U-Net (and text tower) without its adapters (no second copy), with a full
+fine-tune a frozen copy of the base U-Net. The data is `dataset.name="preferences"`: the votes of a feedback
+database (`python -m sd_jax.feedback serve`) or a Pick-a-Pic-layout parquet file (sd_jax/data/preferences.py); ties
+carry no preference and are left out.
 β: dpo.beta (the paper's SD 1.5 setting 5000; diffusers' LoRA recipe 2500).
 
 dpo.loss="kto" trains on single favourites instead (Diffusion-KTO, Li et al. 2024, simplified): the preferred image
@@ -53,6 +54,9 @@ class Task(finetune.Task):
     super().__init__(config)
     if self.f.new_tokens or self.f.prior_preservation:
       raise ValueError("config.finetune.new_tokens / prior_preservation are not part of preference training.")
+    if self.f.text_encoder == "full":  # the reference would need a second copy of the text tower
+      raise ValueError("config.finetune.text_encoder='full': preference training tunes the text tower by LoRA only "
+                       "(text_encoder=lora) or not at all (frozen).")
 
   # -- data: preference pairs ------------------------------------------------------------------------------------
 
@@ -97,6 +101,11 @@ class Task(finetune.Task):
     latents_w = self.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(posterior_w, d_keys[:, 0]))
     latents_l = self.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(posterior_l, d_keys[:, 1]))
     context = self.encode_text(params, frozen, batch["tokens"])
+    if self.f.text_encoder == "lora":  # the reference reads the text through the base tower, without the adapters
+      ref_context = self.text.apply({"params": frozen["text_encoder"]}, batch["tokens"],
+                                    clip_skip=self.clip_skip or None, method="encode")
+    else:
+      ref_context = context
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.schedule.num_train_timesteps))(draws["timestep"])
     noise = jax.vmap(lambda k: losses.offset_noise(k, (1,) + latents_w.shape[1:], self.f.offset_noise)[0])(
         draws["noise"])
@@ -113,7 +122,8 @@ class Task(finetune.Task):
 
     model = error(self.unet_fn(params, frozen)(x, t2, context2, draws["dropout"][0]))
     reference_params = frozen["ref_unet"] if self.f.unet == "full" else frozen["unet"]  # LoRA: the base itself
-    reference = error(jax.lax.stop_gradient(self.unet.apply({"params": reference_params}, x, t2, context2)))
+    ref_context2 = jnp.concatenate([ref_context, ref_context])
+    reference = error(jax.lax.stop_gradient(self.unet.apply({"params": reference_params}, x, t2, ref_context2)))
     b = t.shape[0]
     return model[:b], model[b:], reference[:b], reference[b:]
 

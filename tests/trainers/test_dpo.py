@@ -187,6 +187,7 @@ def _logged(workdir) -> dict[int, dict[str, float]]:
     ({"dpo.loss": "ipo"}, "config.dpo.loss='ipo': use one of"),
     ({"dataset.preferences": ""}, "set --config.dataset.preferences"),
     ({"finetune.prior_preservation": True, "finetune.class_prompt": "a square"}, "not part of preference training"),
+    ({"finetune.text_encoder": "full"}, "text tower by LoRA only"),
 ])
 def test_bad_settings_are_refused_by_name(base, overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
