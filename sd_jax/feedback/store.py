@@ -195,10 +195,10 @@ class FeedbackStore:
     db = self._connection()
     rows = db.execute("""
       SELECT a.id, b.id FROM images a JOIN images b ON a.prompt = b.prompt AND a.id < b.id
-      WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.rater = ? AND
-                        ((v.image_a = a.id AND v.image_b = b.id) OR (v.image_a = b.id AND v.image_b = a.id)))
+      WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.image_a = a.id AND v.image_b = b.id AND v.rater = ?)
+        AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.image_a = b.id AND v.image_b = a.id AND v.rater = ?)
       ORDER BY (SELECT COUNT(*) FROM votes v WHERE v.prompt = a.prompt), a.prompt, a.id, b.id LIMIT 1""",
-                      (rater,)).fetchall()
+                      (rater, rater)).fetchall()  # two lookups in votes_by_pair (one OR'ed one scans the rater's votes)
     del rng_seed
     if not rows:
       return None
