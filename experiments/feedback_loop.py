@@ -291,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def scores_of(name: str, workdir: Path, fingerprint: Any) -> dict[str, Any]:
     cache = out / "scores" / f"{name}.json"
-    key = json.dumps([settings, fingerprint], sort_keys=True)
+    scoring = {k: v for k, v in settings.items() if k != "extra"}  # a run's own flags are in its fingerprint
+    key = json.dumps([scoring, fingerprint], sort_keys=True)
     if cache.exists() and json.loads(cache.read_text())["key"] == key:
       return json.loads(cache.read_text())["scores"]
     print(f"\n=== scoring {name}", flush=True)
