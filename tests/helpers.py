@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -100,3 +101,28 @@ def tiny_text_to_image(model: Path, captions: list[str]) -> Path:
   store.write_index(model, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
                     source="test")
   return model
+
+
+@contextlib.contextmanager
+def serving(app):
+  """A real HTTP server (uvicorn on a free local port, in a thread) for an ASGI `app`: yields its base URL."""
+  import socket
+  import threading
+  import time
+
+  import uvicorn
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.time() + 30
+  while not server.started:
+    assert time.time() < deadline, "the server did not start"
+    time.sleep(0.05)
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -1,8 +1,6 @@
 """experiments/feedback_loop.py: the stand-in rater votes through a real gallery server (uvicorn on a local port)
 what an oracle evaluator sees, every pair once; the gain and its paired standard error; the report."""
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ from experiments import feedback_loop as fl
 from sd_jax.data import shapes
 from sd_jax.feedback import server
 from sd_jax.feedback import store as store_lib
+from tests import helpers
 from tests.experiments.test_finetune_concept import Oracle
 
 
@@ -43,7 +42,6 @@ def test_choose():
 @pytest.fixture
 def gallery(tmp_path):
   """A gallery server over a store of rendered images: 2 prompts × 3 images (one of each prompt drawn wrong)."""
-  import uvicorn
   drawn = Drawn()
   store = store_lib.FeedbackStore(tmp_path / "feedback.sqlite")
   model = store.add_model("/models/shapes", "0" * 64)
@@ -58,19 +56,8 @@ def gallery(tmp_path):
       ids.append(store.add_image(prompt, model, 0, {"index": i}, file))
     # The pairs: (right, right) a tie; (right, wrong) for the right one, whichever side it is on.
     expected.update({(ids[0], ids[1]): "tie", (ids[0], ids[2]): "a", (ids[1], ids[2]): "a"})
-  port = fl._free_port()
-  uv = uvicorn.Server(uvicorn.Config(server.create_app(store, token="tok"), host="127.0.0.1", port=port,
-                                     log_level="warning"))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  deadline = time.time() + 30
-  while not uv.started:
-    assert time.time() < deadline, "the server did not start"
-    time.sleep(0.05)
-  yield fl.Gallery(f"http://127.0.0.1:{port}", "tok"), Oracle(drawn, shapes.KINDS), store, expected
-  uv.should_exit = True
-  thread.join(timeout=10)
-
+  with helpers.serving(server.create_app(store, token="tok")) as url:
+    yield fl.Gallery(url, "tok"), Oracle(drawn, shapes.KINDS), store, expected
 
 def test_rate_all_votes_every_pair_once_through_the_http_api(gallery):
   client, oracle, store, expected = gallery

@@ -6,8 +6,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
-import time
 
 import pytest
 
@@ -25,6 +23,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from sd_jax.feedback import server  # noqa: E402
 from sd_jax.feedback import store as store_lib  # noqa: E402
+from tests import helpers  # noqa: E402
 from tests.feedback import test_gallery  # noqa: E402
 
 
@@ -36,21 +35,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tmp_path):
-  import uvicorn
   store = store_lib.FeedbackStore(tmp_path / "feedback.sqlite")
   test_gallery.fill(store)
-  port = _free_port()
-  uv = uvicorn.Server(uvicorn.Config(server.create_app(store, token="tok"), host="127.0.0.1", port=port,
-                                     log_level="warning"))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  deadline = time.time() + 30
-  while not uv.started:
-    assert time.time() < deadline, "the server did not start"
-    time.sleep(0.05)
-  yield store, f"http://127.0.0.1:{port}/?token=tok&rater=ann"
-  uv.should_exit = True
-  thread.join(timeout=10)
+  with helpers.serving(server.create_app(store, token="tok")) as url:
+    yield store, f"{url}/?token=tok&rater=ann"
 
 
 @pytest.fixture
