@@ -4,7 +4,6 @@ that lands in the SQLite file, the progress count moves, and a favourite from th
 
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
@@ -25,12 +24,6 @@ from sd_jax.feedback import server  # noqa: E402
 from sd_jax.feedback import store as store_lib  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.feedback import test_gallery  # noqa: E402
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture
