@@ -73,7 +73,7 @@ def test_mesh_does_not_match_devices(tmp_path, data_dir):
 
 def test_unknown_trainer(tmp_path, data_dir):
   _fails_fast(helpers.load_config(trainer="gan"),
-              r"config.trainer='gan' is not a trainer. Valid trainers: clip, ddpm, finetune, ldm, vae", tmp_path)
+              r"config.trainer='gan' is not a trainer. Valid trainers: clip, ddpm, dpo, finetune, ldm, vae", tmp_path)
 
 
 def test_unknown_dataset(tmp_path, data_dir):

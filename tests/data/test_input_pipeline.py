@@ -301,7 +301,7 @@ def test_resume_with_other_process_count_or_batch_size(data_dir):
 def test_config_errors(data_dir, tokenizer_dir):
   kwargs = dict(split="train", global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match=r"unknown dataset.name 'imagenet'.*"
-                     r"\['shapes', 'folder', 'tfds'\]"):
+                     r"\['shapes', 'folder', 'tfds', 'preferences'\]"):
     input_pipeline.create_iterator(make_config(data_dir, name="imagenet"), **kwargs)
   with pytest.raises(ValueError, match="global batch size 6 is not divisible "
                      "by the process count 4"):
