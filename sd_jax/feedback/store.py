@@ -190,7 +190,7 @@ class FeedbackStore:
 
   # -- votes ---------------------------------------------------------------------------------------------------------
 
-  def next_pair(self, rater: str, *, rng_seed: int | None = None) -> tuple[Image, Image] | None:
+  def next_pair(self, rater: str) -> tuple[Image, Image] | None:
     """Two images of one prompt that `rater` has not compared yet (the least-voted prompt first), or None."""
     db = self._connection()
     rows = db.execute("""
@@ -199,7 +199,6 @@ class FeedbackStore:
         AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.image_a = b.id AND v.image_b = a.id AND v.rater = ?)
       ORDER BY (SELECT COUNT(*) FROM votes v WHERE v.prompt = a.prompt), a.prompt, a.id, b.id LIMIT 1""",
                       (rater, rater)).fetchall()  # two lookups in votes_by_pair (one OR'ed one scans the rater's votes)
-    del rng_seed
     if not rows:
       return None
     return self.image(rows[0][0]), self.image(rows[0][1])
