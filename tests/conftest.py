@@ -108,3 +108,14 @@ def pytest_collection_modifyitems(config, items):
     with open(tmp, "w") as f:
       json.dump(groups, f)
     os.replace(tmp, path)  # the workers write the same mapping
+
+
+def pytest_collection_finish(session):
+  """Python's cyclic GC: once every test module (jax, flax, torch, diffusers, ...) is imported, move what exists to
+  the permanent generation, so full collections during the tests do not re-scan it."""
+  import gc
+  if os.environ.get("SD_JAX_TEST_GC_FREEZE", "1") == "1":
+    gc.collect()
+    gc.freeze()
+  if os.environ.get("SD_JAX_TEST_GC_THRESHOLD"):
+    gc.set_threshold(*map(int, os.environ["SD_JAX_TEST_GC_THRESHOLD"].split(",")))
