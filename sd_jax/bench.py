@@ -89,6 +89,8 @@ FIT_TARGETS = (("v5e", 16.0), ("v5p", 95.0))
 
 MEASURED_HEADER = ("| date | mode | device | JAX | config | mesh | batch | compile s | median ms | images/s | "
                    "analytic TFLOP | XLA TFLOP | MFU | peak mem GiB | est. mem GiB | command |")
+BASELINE_HEADER = ("| date | mode | device | JAX | torch | config | batch | sd_jax ms | diffusers eager ms | "
+                   "eager / sd_jax | diffusers torch.compile ms | compile / sd_jax | command |")
 AOT_HEADER = ("| devices | mesh | batch/dev | params GiB | opt state GiB | EMA GiB | temporaries GiB | total GiB | "
               + " | ".join(f"fits {name} ({gib:g} GiB)" for name, gib in FIT_TARGETS)
               + " | TFLOP/step (XLA, all devices) | collective buffers GiB | est. traffic GiB/dev | collectives | "
@@ -489,15 +491,22 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
 
 
 def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "auto", devices=None,
-                peak_tflops: float | None = None) -> Measurement:
-  """Compiles and times the shared train step on a synthetic batch."""
+                peak_tflops: float | None = None, baselines: Sequence[str] = ()) -> Measurement:
+  """Compiles and times the shared train step on a synthetic batch; then, for each of `baselines` (eager,
+  compile), the same U-Net with the same initial weights and batch in diffusers/PyTorch (sd_jax/baseline.py), in
+  extra["baselines"] with its ratio to sd_jax's median."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps={steps} / --warmup={warmup}: time at least 1 step after >= 0 warm-up steps.")
   exp = make_setup(config, task_kind, devices)
+  if baselines and not (isinstance(exp.task, LatentUNetTask) and not exp.task.lora_rank):
+    raise ValueError("--baseline compares the U-Net step on precomputed latents: use an ldm config with --task=auto "
+                     "or latent_unet, and no bench.lora_rank.")
   num_devices = exp.mesh.devices.size
   batch = synthetic_batch(batch_spec(exp), exp.batch_sharding, seed=config.seed)
   frozen = exp.load_frozen()
   state = exp.init_fn(jax.random.PRNGKey(config.seed))
+  # The baseline starts from the same weights and batch (fetched now: the timed steps donate `state`).
+  initial = (jax.device_get(state.params), jax.device_get(batch)) if baselines else None
   step_fn = jit_train_step(exp)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, frozen).compile()
@@ -523,14 +532,37 @@ def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "a
   xla_total = per_device_xla * num_devices if per_device_xla is not None else None
   analytic_total = analytic.total if analytic is not None else None
   memory = memory_estimate(compiled)
+  extra = {"loss": loss, "times_s": times, "analytic_breakdown": analytic.as_dict() if analytic else None,
+           "memory_analysis": memory}
+  if baselines:
+    del holder, compiled, step_fn  # free sd_jax's buffers before PyTorch allocates its own
+    extra["baselines"] = _train_baselines(exp, *initial, baselines, median, steps=steps, warmup=warmup)
   return Measurement(
       mode="train", device=device_name if table_peak else device, num_devices=num_devices,
       mesh=_mesh_text(exp.mesh), batch=config.batch_size, compile_s=compile_s, median_s=median,
       images_per_s=config.batch_size / median, analytic_flops=analytic_total, xla_flops=xla_total,
       mfu=_mfu(analytic_total or xla_total, median, num_devices, peak),
       peak_memory_bytes=_peak_memory(), estimated_memory_bytes=memory["total"] if memory else None,
-      extra={"loss": loss, "times_s": times, "analytic_breakdown": analytic.as_dict() if analytic else None,
-             "memory_analysis": memory})
+      extra=extra)
+
+
+def _train_baselines(exp: train_lib.Setup, params, batch, modes: Sequence[str], jax_median_s: float, *,
+                     steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+  """The diffusers U-Net's forward + backward + AdamW on `batch` from `params`, per mode: its median and first
+  call, and ratio = its median / sd_jax's (above 1: sd_jax is faster)."""
+  from sd_jax import baseline  # pylint: disable=import-outside-toplevel
+  task, optim = exp.task, exp.config.optim
+  out = {}
+  for mode in modes:
+    net = baseline.torch_unet(task.model, params)  # fresh weights per mode: each starts where sd_jax started
+    timing = baseline.time_unet_train_step(
+        net, latents=batch["latent_mean"], context=batch["context"],
+        alphas_cumprod=np.asarray(task.schedule.alphas_cumprod), mode=mode, steps=steps, warmup=max(warmup, 1),
+        lr=float(optim.lr), weight_decay=float(optim.get("weight_decay", 0.0)), seed=exp.config.seed)
+    out[mode] = {"median_s": timing.median_s, "first_call_s": timing.first_call_s, "times_s": timing.times_s,
+                 "threads": timing.threads, "loss": timing.extra["loss"], "ratio": timing.median_s / jax_median_s}
+    del net
+  return out
 
 
 def _mesh_text(mesh) -> str:
@@ -785,6 +817,22 @@ def measurement_row(m: Measurement, *, config_name: str, command: str, jax_versi
   return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def baseline_row(m: Measurement, *, config_name: str, command: str, date: str | None = None) -> str | None:
+  """A markdown row of BASELINE_HEADER for a measurement with baselines (None without): sd_jax's median and each
+  diffusers median with its ratio (diffusers / sd_jax: above 1, sd_jax is faster)."""
+  baselines = m.extra.get("baselines")
+  if not baselines:
+    return None
+  import torch  # pylint: disable=import-outside-toplevel  (there: the baselines ran)
+  cells = [date or datetime.date.today().isoformat(), m.mode, f"{m.device} ×{m.num_devices}", jax.__version__,
+           torch.__version__, config_name, str(m.batch), f"{m.median_s * 1e3:.1f}"]
+  for mode in ("eager", "compile"):
+    b = baselines.get(mode)
+    cells += [f"{b['median_s'] * 1e3:.1f}", f"{b['ratio']:.2f}"] if b else ["not run", ""]
+  cells.append(f"`{command}`")
+  return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 def append_rows(path, header: str, rows: Sequence[str], preamble: str = "") -> None:
   """Appends rows to the table at the end of `path` if it has `header`; otherwise starts a new table there."""
   path = Path(path)
@@ -817,6 +865,9 @@ def _define_flags():
                     "their trainer. trainer: always the config's trainer (ldm then needs ldm.vae_from/text_from).")
   flags.DEFINE_integer("steps", 10, "Timed calls (median reported).")
   flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling.")
+  flags.DEFINE_list("baseline", [], "Also time diffusers/PyTorch on the same U-Net, weights and batch (train mode, "
+                    "ldm configs): eager, compile (torch.compile), or both; reported as diffusers time / sd_jax "
+                    "time. Needs the [test] extras (torch, diffusers).")
   flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU, overriding the PEAKS table.")
   flags.DEFINE_string("benchmarks", str(REPO / "BENCHMARKS.md"), "File the rows are appended to; '' = none.")
   flags.DEFINE_list("sample_batch_sizes", ["1", "16"], "Sample mode: batch sizes.")
@@ -863,10 +914,14 @@ def main(argv):
                   f"`{command}`")
       append_rows(FLAGS.benchmarks, AOT_HEADER, [aot_row(r) for r in results], preamble)
     return
+  from sd_jax import baseline  # pylint: disable=import-outside-toplevel  (imports torch only when asked)
+  baselines = baseline.parse_modes(FLAGS.baseline)
   if FLAGS.mode == "train":
     measurements = [bench_train(config, steps=FLAGS.steps, warmup=FLAGS.warmup, task_kind=FLAGS.task,
-                                peak_tflops=FLAGS.peak_tflops)]
+                                peak_tflops=FLAGS.peak_tflops, baselines=baselines)]
   else:
+    if baselines:
+      raise ValueError("--baseline is for --mode=train; the text-to-image comparison is --mode=pipeline.")
     measurements = bench_sample(config, batch_sizes=[int(b) for b in FLAGS.sample_batch_sizes],
                                 num_steps=FLAGS.sample_steps, steps=FLAGS.steps, warmup=FLAGS.warmup,
                                 vae_name=FLAGS.vae, peak_tflops=FLAGS.peak_tflops)
@@ -876,9 +931,18 @@ def main(argv):
   for m in measurements:
     print(json.dumps({"mode": m.mode, "batch": m.batch, **{k: v for k, v in m.extra.items() if k != "times_s"}},
                      default=float))
+  compared = [r for m in measurements
+              if (r := baseline_row(m, config_name=_config_name(config_args), command=command)) is not None]
+  if compared:
+    print(BASELINE_HEADER)
+    print("\n".join(compared))
   if FLAGS.benchmarks:
     append_rows(FLAGS.benchmarks, MEASURED_HEADER, rows,
                 "Measured rows (appended by `python -m sd_jax.bench`; device, JAX version and command in each row).")
+    if compared:
+      append_rows(FLAGS.benchmarks, BASELINE_HEADER, compared,
+                  "sd_jax and diffusers/PyTorch side by side (appended by `python -m sd_jax.bench --baseline=...`; "
+                  "ratio = diffusers time / sd_jax time, above 1: sd_jax is faster).")
 
 
 if __name__ == "__main__":

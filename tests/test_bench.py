@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -180,6 +181,42 @@ def test_train_mode_end_to_end(tmp_path):
   header, separator, written = out.read_text().strip().splitlines()
   assert header == bench.MEASURED_HEADER
   assert written.count("|") == header.count("|") and "| train |" in written and "`python -m sd_jax.bench x`" in written
+
+
+def test_diffusers_baseline_runs_the_same_unet_and_its_ratio_is_the_two_timings(tmp_path):
+  """--baseline=eager: diffusers' U-Net built from the very weights sd_jax started from computes what sd_jax's does
+  (so the two timings are of one network), trains on the same batch, and the ratio is its median / sd_jax's."""
+  import torch
+
+  from sd_jax import baseline
+  config = tiny_config()
+  model = unet_lib.create_unet(config.model.to_dict())
+  inputs = model.example_inputs(2, 8)
+  params = bench.random_params(model, inputs, seed=3)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(inputs["sample"].shape).astype(np.float32)
+  t = np.array([10, 900], np.int32)
+  context = rng.standard_normal(inputs["encoder_hidden_states"].shape).astype(np.float32)
+  want = np.asarray(model.apply({"params": params}, x, t, context))
+  net = baseline.torch_unet(model, jax.device_get(params)).eval()
+  with torch.no_grad():
+    got = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t.astype(np.int64)),
+              torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+
+  m = bench.bench_train(config, steps=2, warmup=1, devices=jax.devices()[:1], baselines=["eager"])
+  b = m.extra["baselines"]["eager"]
+  assert len(b["times_s"]) == 2 and b["median_s"] == pytest.approx(float(np.median(b["times_s"])))
+  assert b["ratio"] == pytest.approx(b["median_s"] / m.median_s) and np.isfinite(b["loss"]) and b["threads"] >= 1
+  row = bench.baseline_row(m, config_name="configs/sd15_ldm.py:runlocal", command="python -m sd_jax.bench y")
+  assert row.count("|") == bench.BASELINE_HEADER.count("|")
+  assert f"| {m.median_s * 1e3:.1f} | {b['median_s'] * 1e3:.1f} | {b['ratio']:.2f} | not run |" in row
+  assert bench.baseline_row(dataclasses.replace(m, extra={}), config_name="c", command="x") is None
+  assert baseline.parse_modes("eager,compile") == ["eager", "compile"] and baseline.parse_modes("none") == []
+  with pytest.raises(ValueError, match="use eager, compile"):
+    baseline.parse_modes("jit")
+  with pytest.raises(ValueError, match="an ldm config"):
+    bench.bench_train(tiny_config(**{"bench.lora_rank": 2}), steps=1, devices=jax.devices()[:1], baselines=["eager"])
 
 
 def test_lora_fine_tune_step_state_is_the_adapters_only():
