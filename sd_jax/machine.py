@@ -109,6 +109,22 @@ def auto_cpu_devices(batch_sizes, cores: int | None = None) -> int:
   return max(n for n in range(1, limit + 1) if common % n == 0)
 
 
+def use_every_core(batch_sizes: Sequence[int] = ()) -> int | None:
+  """Before JAX starts, in a command run directly: one JAX CPU device per core (`auto_cpu_devices` of the batch
+  sizes), as `sd_jax.stages` arranges for its stages, so a CPU-only machine's every core trains and samples (XLA runs
+  each CPU device's program on one thread pool; one device leaves most of the machine idle). Returns the count set,
+  or None where it leaves JAX as it is: the environment already asks for a count (JAX_NUM_CPU_DEVICES, XLA_FLAGS'
+  --xla_force_host_platform_device_count), or JAX's backends have started. An accelerator's runs are unaffected
+  (the count is the CPU backend's only)."""
+  import jax
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if requested_cpu_devices() is not None or xla_bridge.backends_are_initialized():
+    return None
+  count = auto_cpu_devices(batch_sizes)
+  jax.config.update("jax_num_cpu_devices", count)
+  return count
+
+
 def reference_gflops(seconds: float = 1.0, *, batch: int = 32, size: int = 8, channels: int = 64) -> float:
   """GFLOP/s of a float32 3×3 'SAME' convolution ([batch, size, size, channels] → channels, NHWC) on the default
   device, timed for about `seconds` after compiling: the median of rounds of 10 calls."""

@@ -107,6 +107,9 @@ def main(argv):
     address = address or slurm[0]
     num_processes = num_processes or slurm[1]
     process_id = process_id if process_id is not None else slurm[2]
+  if not (address or (num_processes or 1) > 1 or FLAGS.jax_distributed):  # one process: every core on a CPU
+    from sd_jax import machine
+    machine.use_every_core([FLAGS.config.batch_size])
   initialize_distributed(address, num_processes, process_id, FLAGS.jax_distributed)
   import jax
   from sd_jax import checkpoint as ckpt_lib

@@ -225,4 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from sd_jax import machine
+  machine.use_every_core()  # a CPU-only machine: one JAX device per core (sd_jax/machine.py)
   sys.exit(main())

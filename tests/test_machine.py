@@ -72,3 +72,31 @@ def test_auto_cpu_devices_divides_every_batch(batch_sizes, cores, expected):
   n = machine.auto_cpu_devices(batch_sizes, cores=cores)
   assert n == expected and all(b % n == 0 for b in batch_sizes)
   assert machine.usable_cores() >= 1
+
+
+def _env_without_a_device_count(**extra):
+  import os
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def test_a_command_run_directly_gets_one_cpu_device_per_core(tmp_path):
+  """`use_every_core` before JAX starts: the auto count; with a count already asked for: left alone. And
+  `python -m sd_jax.main` run directly trains on that many devices (here it stops at once: total_steps=0)."""
+  import subprocess
+  import sys
+
+  from tests import helpers
+  code = "from sd_jax import machine; n = machine.use_every_core([6]); import jax; print(n, jax.device_count())"
+  want = machine.auto_cpu_devices([6])
+  for extra, expected in (({}, f"{want} {want}"), ({"JAX_NUM_CPU_DEVICES": "3"}, "None 3")):
+    result = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=_env_without_a_device_count(**extra),
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == expected, result.stderr[-2000:]
+  batch = helpers.load_config("shapes_ddpm", "runlocal").batch_size
+  want = machine.auto_cpu_devices([batch])
+  result = helpers.run_main([f"--config={helpers.REPO}/configs/shapes_ddpm.py:runlocal", f"--workdir={tmp_path}",
+                             "--config.total_steps=0"], env=_env_without_a_device_count(), timeout=120)
+  assert f"{want} local / {want} global devices" in result.stderr, result.stderr[-2000:]
