@@ -9,6 +9,10 @@ Modes:
   --mode=sample  times the jitted sampling loop (sd_jax/diffusion/samplers.py with the config's sampler settings,
                  `config_from_training`; classifier-free guidance when the U-Net has cross-attention) plus the VAE
                  decode, at each of --sample_batch_sizes.
+  --baseline=eager,compile
+                 (train mode, ldm configs) then times the same U-Net, with the same initial weights and batch, in
+                 diffusers/PyTorch (sd_jax/baseline.py): eager, and/or torch.compile. Reported as diffusers median /
+                 sd_jax median (above 1: sd_jax is faster) and appended to BENCHMARKS.md as a table of its own.
   --aot          compiles the train step for meshes of fake CPU devices without running it (one subprocess per
                  mesh, XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports per-device memory, FLOPs
                  and collective bytes.
@@ -946,6 +950,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from sd_jax import machine as _machine
+  _machine.reexec_with_hugepage_malloc()  # large CPU buffers in huge pages (sd_jax/machine.py)
   from sd_jax import cli
   _define_flags()  # only here: importing sd_jax.bench (tests, trainer registration) defines no flags
   cli.run_app(main)  # app.run(main), with the --help and error format of every sd_jax command

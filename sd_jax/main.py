@@ -128,5 +128,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from sd_jax import machine as _machine
+  _machine.reexec_with_hugepage_malloc()  # large CPU buffers in huge pages (sd_jax/machine.py)
   from sd_jax import cli
   cli.run_app(main)  # app.run(main), with the --help and error format of every sd_jax command

@@ -226,5 +226,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   from sd_jax import machine
+  machine.reexec_with_hugepage_malloc()  # large CPU buffers in huge pages (sd_jax/machine.py)
   machine.use_every_core()  # a CPU-only machine: one JAX device per core (sd_jax/machine.py)
   sys.exit(main())

@@ -14,6 +14,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
                       "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # nothing downloads at run time
+# The commands' subprocesses start with glibc's huge-page malloc already (sd_jax/machine.py), so they do not restart
+# themselves to get it.
+_hugepages = None
+try:
+  from sd_jax import machine as _machine
+  _hugepages = _machine.hugepage_malloc_env()
+except ImportError:
+  pass
+if _hugepages is not None:
+  os.environ["GLIBC_TUNABLES"] = _hugepages["GLIBC_TUNABLES"]
 # Many tests compile the same tiny train step (in this process and in the subprocesses they start): share the
 # compiled programs through JAX's persistent cache. Every program, however fast it compiles: op-by-op (eager) model
 # calls and jax.jit of a fresh function compile hundreds of small programs per test, and reading them back is cheaper

@@ -100,3 +100,38 @@ def test_a_command_run_directly_gets_one_cpu_device_per_core(tmp_path):
   result = helpers.run_main([f"--config={helpers.REPO}/configs/shapes_ddpm.py:runlocal", f"--workdir={tmp_path}",
                              "--config.total_steps=0"], env=_env_without_a_device_count(), timeout=120)
   assert f"{want} local / {want} global devices" in result.stderr, result.stderr[-2000:]
+
+
+def test_hugepage_malloc_env_adds_the_tunable_once(tmp_path):
+  madvise, never = tmp_path / "madvise", tmp_path / "never"
+  madvise.write_text("always [madvise] never\n")
+  never.write_text("always madvise [never]\n")
+  if machine.hugepage_malloc_env({}, str(madvise)) is None:
+    pytest.skip("not Linux with glibc")
+  assert machine.hugepage_malloc_env({"A": "1"}, str(madvise)) == {"A": "1", "GLIBC_TUNABLES": machine.HUGEPAGE_MALLOC}
+  assert machine.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, str(madvise)) == {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + machine.HUGEPAGE_MALLOC}
+  assert machine.hugepage_malloc_env({"GLIBC_TUNABLES": machine.HUGEPAGE_MALLOC}, str(madvise)) is None  # set already
+  assert machine.hugepage_malloc_env({}, str(never)) is None  # transparent huge pages off
+  assert machine.hugepage_malloc_env({}, str(tmp_path / "missing")) is None
+  assert machine.hugepage_malloc_env({"SD_JAX_HUGEPAGE_MALLOC": "0"}, str(madvise)) is None  # the opt-out
+
+
+def test_a_command_restarts_itself_with_the_hugepage_malloc():
+  """reexec_with_hugepage_malloc: the same command line again, in the same process, with the tunable set."""
+  import os
+  import subprocess
+  import sys
+
+  from tests import helpers
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if machine.hugepage_malloc_env(env) is None:
+    pytest.skip("no huge-page malloc here (not glibc, or transparent huge pages off)")
+  code = ("import os, sys; pid = os.getpid(); from sd_jax import machine; print(os.environ.get('GLIBC_TUNABLES'), "
+          "sys.argv[1:], flush=True); machine.reexec_with_hugepage_malloc()")
+  result = subprocess.run([sys.executable, "-c", code, "x"], cwd=helpers.REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.stdout.splitlines() == ["None ['x']", f"{machine.HUGEPAGE_MALLOC} ['x']"], result.stderr[-2000:]
+  result = subprocess.run([sys.executable, "-c", code, "x"], cwd=helpers.REPO,
+                          env={**env, "SD_JAX_HUGEPAGE_MALLOC": "0"}, capture_output=True, text=True, timeout=120)
+  assert result.stdout.splitlines() == ["None ['x']"]
