@@ -6,6 +6,8 @@ Trainers (sd_jax/trainers/) provide the model, the loss and their evaluation thr
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import functools
 import json
@@ -211,6 +213,7 @@ class Setup:
   boxed_params: Any              # params with their logical axis names
   init_fn: Any                   # jitted rng -> sharded TrainState
   frozen_shardings: Any = None   # shardings of the task's frozen networks (None if it has none)
+  jitted: dict = dataclasses.field(default_factory=dict, repr=False)  # jit_train_step / eval_fn, built once
 
   def load_frozen(self):
     """The task's frozen networks (e.g. the VAE and text tower of a latent-diffusion run), placed on the mesh."""
@@ -224,6 +227,79 @@ class Setup:
   @property
   def batch_sharding(self):
     return parallel.batch_sharding(self.mesh, self.rules)
+
+  def eval_fn(self):
+    """`eval_step` jitted for this setup's task."""
+    if "eval" not in self.jitted:
+      self.jitted["eval"] = jax.jit(functools.partial(eval_step, task=self.task, seed=self.config.seed))
+    return self.jitted["eval"]
+
+
+# The setups of this process's latest runs: a run of a config that already ran here on the same devices, reading the
+# same files (a run resumed in a test or a notebook, a sweep point run twice in one process), takes the same Setup, so
+# the same jitted init, step, eval and sampling functions, and JAX's in-memory caches skip tracing, lowering and
+# compiling them again.
+_SETUPS: collections.OrderedDict = collections.OrderedDict()
+SETUPS_KEPT = 4
+_FINGERPRINT_FILES = 2_000  # a path in the config with more files below it is not fingerprinted: no reuse
+
+
+def _files_fingerprint(config: ml_collections.ConfigDict) -> tuple | None:
+  """(path, size, mtime) of every local file the config names, directories walked; None when a path is remote or too
+  large to fingerprint (the setup is then built afresh). A Task reads its frozen and base networks, tokenizers and
+  model configs at construction from these paths, so a file changed between two runs makes a new Setup."""
+  strings: list[str] = []
+
+  def collect(node):
+    if isinstance(node, dict):
+      for v in node.values():
+        collect(v)
+    elif isinstance(node, (list, tuple)):
+      for v in node:
+        collect(v)
+    elif isinstance(node, str) and node:
+      strings.append(node)
+
+  collect(config.to_dict())
+  found = []
+  for path in sorted(set(strings)):
+    if "://" in path:
+      return None
+    if not os.path.exists(path):
+      continue
+    if os.path.isfile(path):
+      st = os.stat(path)
+      found.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+      continue
+    for root, dirs, files in os.walk(path):
+      dirs.sort()
+      for name in sorted(files):
+        st = os.stat(os.path.join(root, name))
+        found.append((os.path.abspath(os.path.join(root, name)), st.st_size, st.st_mtime_ns))
+        if len(found) > _FINGERPRINT_FILES:
+          return None
+  return tuple(found)
+
+
+def cached_setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """setup(config, devices) for the config's own trainer, reusing one of this process's earlier runs when the config
+  (every field), the devices, the data directory and the files the config names are the same."""
+  devices = list(jax.devices() if devices is None else devices)
+  files = _files_fingerprint(config)
+  if files is None:
+    return setup(config, devices)
+  key = (config.to_json_best_effort(sort_keys=True), tuple((d.platform, d.process_index, d.id) for d in devices),
+         jax.process_count(), os.environ.get("SD_JAX_DATA_DIR"), files)
+  exp = _SETUPS.pop(key, None)
+  if exp is None:
+    exp = setup(copy.deepcopy(config), devices)  # its own copy: the caller may change theirs for the next run
+  else:
+    logging.info("The same config ran on these devices earlier in this process: reusing its traced and compiled "
+                 "programs.")
+  _SETUPS[key] = exp
+  while len(_SETUPS) > SETUPS_KEPT:
+    _SETUPS.popitem(last=False)
+  return exp
 
 
 def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
@@ -268,13 +344,16 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
 
 
 def jit_train_step(exp: Setup):
-  """`train_step` jitted with the setup's shardings and the state donated: the loop's step (and the bench's)."""
-  config = exp.config
-  return jax.jit(
-      functools.partial(train_step, task=exp.task, tx=exp.tx, schedule=exp.schedule, config=config,
-                        global_batch=config.batch_size, key_sharding=exp.batch_sharding),
-      in_shardings=(exp.state_shardings, exp.batch_sharding, exp.frozen_shardings),
-      out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  """`train_step` jitted with the setup's shardings and the state donated: the loop's step (and the bench's). Built
+  once per Setup."""
+  if "train_step" not in exp.jitted:
+    config = exp.config
+    exp.jitted["train_step"] = jax.jit(
+        functools.partial(train_step, task=exp.task, tx=exp.tx, schedule=exp.schedule, config=config,
+                          global_batch=config.batch_size, key_sharding=exp.batch_sharding),
+        in_shardings=(exp.state_shardings, exp.batch_sharding, exp.frozen_shardings),
+        out_shardings=(exp.state_shardings, None), donate_argnums=0)
+  return exp.jitted["train_step"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
@@ -284,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   `devices` restricts the mesh to a subset of devices (tests); by default all devices of all processes. `task`
   trains a trainers.base.Task of one's own instead of config.trainer's.
   """
-  exp = setup(config, devices, task=task)
+  exp = setup(config, devices, task=task) if task is not None else cached_setup(config, devices)
   workdir = prepare_workdir(workdir)
   # One run per workdir (sd_jax/workdir_lock.py): taken before anything is written there.
   with workdir_lock.WorkdirLock(workdir):
@@ -331,7 +410,7 @@ def _train(exp: Setup, workdir: epath.Path) -> dict[str, float]:
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   frozen = exp.load_frozen()
-  eval_fn = jax.jit(functools.partial(eval_step, task=task, seed=config.seed))
+  eval_fn = exp.eval_fn()
   ctx = Context(config=config, workdir=workdir, mesh=mesh, writer=writer, eval_iterator_fn=lambda: (
       input_pipeline.create_iterator(dataset, split=dataset.eval_split, global_batch_size=global_batch,
                                      seed=config.seed, train=False)), frozen=frozen, batch_sharding=exp.batch_sharding)

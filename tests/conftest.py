@@ -129,3 +129,86 @@ def pytest_collection_finish(session):
     gc.freeze()
   if os.environ.get("SD_JAX_TEST_GC_THRESHOLD"):
     gc.set_threshold(*map(int, os.environ["SD_JAX_TEST_GC_THRESHOLD"].split(",")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD_JAX_TEST_COMPILE_REPORT=<dir>: each worker writes, per test, the seconds JAX spent tracing, lowering and
+# compiling (persistent-cache misses) or reading compiled programs back (hits), one JSON line per test, to
+# <dir>/<worker>.jsonl. Where the suite's time goes: python tests/compile_report.py <dir>.
+
+_compile_log = None
+
+
+def _compile_listeners():
+  import collections
+
+  from jax import monitoring
+  state = {"hit": False, "test": collections.Counter(), "programs": []}
+
+  def on_event(event, **kwargs):
+    if event == "/jax/compilation_cache/cache_hits":
+      state["hit"] = True
+
+  def on_duration(event, duration, **kwargs):
+    name = kwargs.get("fun_name", "")
+    if event.endswith("/backend_compile_duration"):
+      kind = "read" if state["hit"] else "compile"
+      state["hit"] = False
+      state["test"][kind + "_s"] += duration
+      state["test"]["n_" + kind] += 1
+      state["programs"].append((kind, name, round(duration, 3)))
+    elif event.endswith("/jaxpr_trace_duration"):
+      state["test"]["trace_s"] += duration
+    elif event.endswith("/jaxpr_to_mlir_module_duration"):
+      state["test"]["lower_s"] += duration
+
+  monitoring.register_event_listener(on_event)
+  monitoring.register_event_duration_secs_listener(on_duration)
+
+  import functools
+  import time
+
+  from jax._src import compilation_cache
+
+  def timed(name, fn):  # the cache's own costs, inside the compile times above
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      start = time.perf_counter()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        state["test"][name] += time.perf_counter() - start
+    return wrapper
+
+  compilation_cache.put_executable_and_time = timed("cache_write_s", compilation_cache.put_executable_and_time)
+  compilation_cache.get_cache_key = timed("cache_key_s", compilation_cache.get_cache_key)
+  return state
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  global _compile_log
+  directory = os.environ.get("SD_JAX_TEST_COMPILE_REPORT")
+  if not directory:
+    yield
+    return
+  import time
+  if _compile_log is None:
+    os.makedirs(directory, exist_ok=True)
+    worker = getattr(item.config, "workerinput", {}).get("workerid", "main")
+    _compile_log = (open(os.path.join(directory, f"{worker}.jsonl"), "a"), _compile_listeners())
+  out, state = _compile_log
+  state["test"].clear()
+  state["programs"].clear()
+  import resource
+
+  def cpu_s():
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+  start, cpu_start = time.perf_counter(), cpu_s()
+  yield
+  record = {"test": item.nodeid, "wall_s": round(time.perf_counter() - start, 3),
+            "cpu_s": round(cpu_s() - cpu_start, 3),
+            **{k: round(v, 3) for k, v in state["test"].items()}, "programs": state["programs"]}
+  out.write(json.dumps(record) + "\n")
+  out.flush()

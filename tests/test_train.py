@@ -103,7 +103,9 @@ def test_exact_resume_after_interruption(reference, tmp_path):
   """Lose everything after step 2 (as a crash would), rerun: the metrics equal the uninterrupted run's."""
   shutil.copytree(reference, tmp_path / "w")
   shutil.rmtree(tmp_path / "w" / "checkpoints" / "4")
-  train.train_and_evaluate(_config(**{"mesh.data": 1}), str(tmp_path / "w"), devices=jax.devices()[:1])
+  # The reference's own config, as rerunning its command would: the process reuses its setup (no new trace).
+  train.train_and_evaluate(_config(eval_every_steps=0, **{"mesh.data": 1}), str(tmp_path / "w"),
+                           devices=jax.devices()[:1])
   got, want = helpers.losses(tmp_path / "w"), helpers.losses(reference)
   assert got == want  # bitwise on CPU with the same device count
   rows = metrics.read_metrics(tmp_path / "w")
@@ -209,6 +211,41 @@ def test_relative_workdir(reference):
   assert reference.parts[-2:] == pathlib.Path(RELATIVE_WORKDIR).parts
   assert (reference / "checkpoints" / "2").is_dir()
   assert len(helpers.losses(reference)) == STEPS
+
+
+def test_a_config_run_again_in_the_process_reuses_its_setup_and_trains_the_same(reference, tmp_path, monkeypatch):
+  """The reference's config run again on the same device, in another workdir: the loop takes the earlier run's Setup,
+  so the train step is not traced again, and the run is bitwise the reference's."""
+  traced = []
+  real_step = train.train_step
+  monkeypatch.setattr(train, "train_step", lambda *a, **k: traced.append(1) or real_step(*a, **k))
+  train._SETUPS.clear()
+  config = _config(eval_every_steps=0, **{"mesh.data": 1})
+  for name in ("a", "b"):
+    train.train_and_evaluate(config, str(tmp_path / name), devices=jax.devices()[:1])
+  assert len(traced) == 1 and len(train._SETUPS) == 1
+  assert helpers.losses(tmp_path / "a") == helpers.losses(tmp_path / "b") == helpers.losses(reference)
+  # The caller's config changed for the next run, on another device: a setup of its own; the first kept its copy.
+  config.total_steps = 1
+  train.train_and_evaluate(config, str(tmp_path / "c"), devices=jax.devices()[1:2])
+  assert len(traced) == 2 and len(train._SETUPS) == 2
+  assert [exp.config.total_steps for exp in train._SETUPS.values()] == [STEPS, 1]
+
+
+def test_a_changed_file_the_config_names_makes_a_new_setup(tmp_path):
+  """The setups are keyed on the files a config names (a Task reads base and frozen networks when it is built)."""
+  import ml_collections
+  model = tmp_path / "model"
+  (model / "unet").mkdir(parents=True)
+  (model / "unet" / "weights.safetensors").write_bytes(b"1234")
+  config = ml_collections.ConfigDict({"finetune": {"base": str(model)}, "name": "shapes"})
+  before = train._files_fingerprint(config)
+  assert [p for p, *_ in before] == [str(model / "unet" / "weights.safetensors")]
+  assert train._files_fingerprint(config) == before
+  (model / "unet" / "weights.safetensors").write_bytes(b"12345")
+  assert train._files_fingerprint(config) != before
+  config.finetune.base = "gs://bucket/model"  # cannot be checked cheaply: never reused
+  assert train._files_fingerprint(config) is None
 
 
 def test_ema_decay_warms_up_then_holds():

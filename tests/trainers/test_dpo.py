@@ -90,7 +90,7 @@ def test_the_loss_of_the_tiny_model_is_the_formula_in_numpy(base, references):
   from sd_jax import checkpoint as ckpt_lib
   from sd_jax.diffusion import losses as losses_lib
   config = _config(base, "lora")
-  setup = train.setup(config, devices=jax.devices()[:1])
+  setup = train.cached_setup(config, devices=jax.devices()[:1])
   task = setup.task
   checkpointer = ckpt_lib.Checkpointer(str(references["lora"]), keep=3, with_data=False)
   params = checkpointer.restore(STEPS, setup.abstract_state).params
@@ -140,7 +140,7 @@ def test_training_starts_at_log2_and_lowers_the_loss(base, references, method):
   # multiplies: log 2 to 1e-4.
   np.testing.assert_allclose(losses[1], np.log(2), atol=1e-4)
   config = _config(base, method)
-  setup = train.setup(config, devices=jax.devices()[:1])
+  setup = train.cached_setup(config, devices=jax.devices()[:1])
   task = setup.task
   from sd_jax import checkpoint as ckpt_lib
   checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=3, with_data=False)

@@ -60,7 +60,7 @@ METHODS = {  # a config per combination the tests train; "combined" exercises Lo
 
 def _final(config, workdir):
   """(the loop's Setup with its task's data prepared, the params of the run's last checkpoint)."""
-  setup = train.setup(config, devices=jax.devices()[:1])
+  setup = train.cached_setup(config, devices=jax.devices()[:1])  # the run's own, reused
   setup.task.prepare_data(workdir)
   checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=3, with_data=False)
   final = checkpointer.restore(STEPS, setup.abstract_state).params

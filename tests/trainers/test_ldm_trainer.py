@@ -101,7 +101,7 @@ def reference(stages, tmp_path_factory):
 def trained(stages, reference):
   """What the unit tests share: the reference run's setup, final params, frozen networks and one batch."""
   config = _config(stages, **{"mesh.data": 1})
-  setup = train.setup(config, devices=jax.devices()[:1])
+  setup = train.cached_setup(config, devices=jax.devices()[:1])
   return dict(config=config, setup=setup, task=setup.task, state=jax.device_get(_restore(reference, setup, STEPS)),
               frozen=setup.task.load_frozen(), batch=_batch(config),
               keys=jax.random.split(jax.random.PRNGKey(1), config.batch_size),
