@@ -9,10 +9,16 @@ Modes:
   --mode=sample  times the jitted sampling loop (sd_jax/diffusion/samplers.py with the config's sampler settings,
                  `config_from_training`; classifier-free guidance when the U-Net has cross-attention) plus the VAE
                  decode, at each of --sample_batch_sizes.
+  --mode=pipeline --model_dir=DIR
+                 times text-to-image as a user runs it: `generate.TextToImage` from an sd_jax or diffusers model
+                 directory, --prompts to float images (tokenizer, text tower, DDIM with guidance, VAE decode), at
+                 each of --sample_batch_sizes; the first call (tracing, compiling) is reported as compile time.
   --baseline=eager,compile
-                 (train mode, ldm configs) then times the same U-Net, with the same initial weights and batch, in
-                 diffusers/PyTorch (sd_jax/baseline.py): eager, and/or torch.compile. Reported as diffusers median /
-                 sd_jax median (above 1: sd_jax is faster) and appended to BENCHMARKS.md as a table of its own.
+                 then times diffusers/PyTorch on the same work (sd_jax/baseline.py), eager and/or torch.compile:
+                 in train mode (ldm configs) the same U-Net with the same initial weights and batch; in pipeline
+                 mode StableDiffusionPipeline (DDIM, η 0) on the same weights, prompts, steps, guidance and size.
+                 Reported as diffusers median / sd_jax median (above 1: sd_jax is faster) and appended to
+                 BENCHMARKS.md as a table of its own.
   --aot          compiles the train step for meshes of fake CPU devices without running it (one subprocess per
                  mesh, XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports per-device memory, FLOPs
                  and collective bytes.
@@ -650,6 +656,80 @@ def bench_sample(config, *, batch_sizes: Sequence[int] = (1, 16), num_steps: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Pipeline mode: prompts to images from a model directory, beside diffusers' StableDiffusionPipeline
+
+
+def bench_pipeline(model_dir, *, prompts: Sequence[str], batch_sizes: Sequence[int] = (1,), num_steps: int = 50,
+                   guidance: float = 7.5, steps: int = 3, warmup: int = 1, baselines: Sequence[str] = (),
+                   peak_tflops: float | None = None) -> list[Measurement]:
+  """Times text-to-image end to end, as a user calls it: `generate.TextToImage.generate` from `model_dir` (an sd_jax
+  or diffusers model directory), tokenizing, the text tower, `num_steps` DDIM steps with classifier-free guidance and
+  the VAE decode, to float images on the host, on one device. The first call (tracing and compiling) is compile_s.
+  For each of `baselines` (eager, compile): diffusers' StableDiffusionPipeline (DDIM, η 0) on the same weights in
+  diffusers' layout (exported to a temporary directory when `model_dir` is sd_jax's), the same prompts, steps,
+  guidance and size, in extra["baselines"] with ratio = its median / sd_jax's (above 1: sd_jax is faster)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  from sd_jax import generate  # pylint: disable=import-outside-toplevel
+  from sd_jax.weights import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
+  if not prompts:
+    raise ValueError("--prompts is empty: give at least one prompt.")
+  source = Path(model_dir)
+  resolved = model_dir_lib.resolve_model(str(source), what="--model_dir")
+  pipe = generate.TextToImage.from_model_dir(resolved)
+  pipe.devices = pipe.devices[:1]
+  device, device_name, table_peak = _device_summary()
+  peak = peak_tflops or table_peak
+  exported = None
+  results = []
+  try:
+    for batch in batch_sizes:
+      texts = [prompts[i % len(prompts)] for i in range(batch)]
+
+      def call(texts=texts):
+        return pipe.generate(texts, steps=num_steps, guidance=guidance, seed=0, sampler="ddim", output_type="np")
+
+      t0 = time.perf_counter()
+      images = call()
+      first_s = time.perf_counter() - t0
+      times = _timed(call, steps, max(warmup - 1, 0))
+      median = statistics.median(times)
+      h, w = images.shape[1:3]
+      analytic = flops_lib.ddim_sample_flops(pipe.unet, batch, num_steps, h // pipe.latent_factor,
+                                             w // pipe.latent_factor, pipe.text.config.max_position_embeddings,
+                                             guidance=guidance != 1.0, vae=pipe.vae).total
+      extra: dict[str, Any] = {"times_s": times, "images_shape": list(images.shape), "model_dir": str(source)}
+      if baselines:
+        from sd_jax import baseline  # pylint: disable=import-outside-toplevel
+        if exported is None:
+          if (source / "model_index.json").exists():  # already diffusers' layout
+            exported = source
+          else:
+            exported = Path(tempfile.mkdtemp(prefix="sd_jax_bench_diffusers_"))
+            model_dir_lib.export_diffusers(resolved, exported / "model")
+            exported = exported / "model"
+        extra["baselines"] = {}
+        for mode in baselines:
+          timing = baseline.time_pipeline(exported, texts, steps=num_steps, guidance=guidance, height=h, width=w,
+                                          mode=mode, repeats=steps, warmup=max(warmup, 1))
+          extra["baselines"][mode] = {"median_s": timing.median_s, "first_call_s": timing.first_call_s,
+                                      "times_s": timing.times_s, "threads": timing.threads,
+                                      "images_shape": timing.extra["images_shape"],
+                                      "ratio": timing.median_s / median}
+      results.append(Measurement(
+          mode=f"pipeline ({num_steps} DDIM steps, CFG {guidance:g}, text + VAE decode)",
+          device=device_name if table_peak else device, num_devices=1, mesh="1 device", batch=batch,
+          compile_s=first_s, median_s=median, images_per_s=batch / median, analytic_flops=analytic, xla_flops=None,
+          mfu=_mfu(analytic, median, 1, peak), peak_memory_bytes=_peak_memory(), estimated_memory_bytes=None,
+          extra=extra))
+  finally:
+    if exported is not None and exported != source:
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.rmtree(exported.parent, ignore_errors=True)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # AOT planning
 
 
@@ -862,20 +942,27 @@ def _define_flags():
   from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:args]).", lock_config=True)
-  flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to time.")
+  flags.DEFINE_enum("mode", "train", ["train", "sample", "pipeline"], "What to time.")
   flags.DEFINE_bool("aot", False, "Compile the train step for meshes of fake CPU devices instead of timing.")
   flags.DEFINE_enum("task", "auto", ["auto", "trainer", "latent_unet"],
                     "auto: ldm configs → the U-Net on precomputed latents (no VAE / text tower); others → "
                     "their trainer. trainer: always the config's trainer (ldm then needs ldm.vae_from/text_from).")
   flags.DEFINE_integer("steps", 10, "Timed calls (median reported).")
   flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling.")
-  flags.DEFINE_list("baseline", [], "Also time diffusers/PyTorch on the same U-Net, weights and batch (train mode, "
-                    "ldm configs): eager, compile (torch.compile), or both; reported as diffusers time / sd_jax "
-                    "time. Needs the [test] extras (torch, diffusers).")
+  flags.DEFINE_list("baseline", [], "Also time diffusers/PyTorch: the same U-Net, weights and batch (train mode, "
+                    "ldm configs), or StableDiffusionPipeline on the same model (pipeline mode): eager, compile "
+                    "(torch.compile), or both; reported as diffusers time / sd_jax time. Needs the [test] extras "
+                    "(torch, diffusers).")
+  flags.DEFINE_string("model_dir", None, "Pipeline mode: an sd_jax or diffusers model directory (U-Net, VAE, text "
+                      "tower, tokenizer, scheduler).")
+  flags.DEFINE_list("prompts", ["a red square", "a blue circle"], "Pipeline mode: the prompts, cycled to each "
+                    "batch size.")
+  flags.DEFINE_float("guidance", 7.5, "Pipeline mode: classifier-free guidance scale.")
   flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU, overriding the PEAKS table.")
   flags.DEFINE_string("benchmarks", str(REPO / "BENCHMARKS.md"), "File the rows are appended to; '' = none.")
-  flags.DEFINE_list("sample_batch_sizes", ["1", "16"], "Sample mode: batch sizes.")
-  flags.DEFINE_integer("sample_steps", None, "Sample mode: DDIM steps (default config.sample.num_steps or 50).")
+  flags.DEFINE_list("sample_batch_sizes", ["1", "16"], "Sample and pipeline modes: batch sizes.")
+  flags.DEFINE_integer("sample_steps", None, "Sample and pipeline modes: DDIM steps (default: sample mode "
+                       "config.sample.num_steps or 50; pipeline mode 50).")
   flags.DEFINE_string("vae", None, "Sample mode: VAE config name (default config.bench.vae, else 'sd').")
   flags.DEFINE_list("aot_devices", ["8", "64", "256"], "AOT: fake device counts.")
   flags.DEFINE_list("aot_meshes", ["data", "fsdp"], "AOT: data | fsdp (all devices on that axis) | fsdpK | dataK.")
@@ -920,12 +1007,25 @@ def main(argv):
     return
   from sd_jax import baseline  # pylint: disable=import-outside-toplevel  (imports torch only when asked)
   baselines = baseline.parse_modes(FLAGS.baseline)
-  if FLAGS.mode == "train":
+  if FLAGS.mode == "pipeline":
+    if not FLAGS.model_dir:
+      raise ValueError("--mode=pipeline times a model directory: pass --model_dir=DIR (sd_jax's or diffusers' "
+                       "layout; e.g. a run's WORKDIR/export).")
+    if config_args:
+      raise ValueError("--mode=pipeline reads everything from --model_dir: drop --config.")
+    config_args = [f"--model_dir={FLAGS.model_dir}"]
+    measurements = bench_pipeline(FLAGS.model_dir, prompts=FLAGS.prompts,
+                                  batch_sizes=[int(b) for b in FLAGS.sample_batch_sizes],
+                                  num_steps=FLAGS.sample_steps or 50, guidance=FLAGS.guidance, steps=FLAGS.steps,
+                                  warmup=FLAGS.warmup, baselines=baselines, peak_tflops=FLAGS.peak_tflops)
+  elif config is None:
+    raise ValueError("--config=configs/X.py is required for --mode=train and --mode=sample.")
+  elif FLAGS.mode == "train":
     measurements = [bench_train(config, steps=FLAGS.steps, warmup=FLAGS.warmup, task_kind=FLAGS.task,
                                 peak_tflops=FLAGS.peak_tflops, baselines=baselines)]
   else:
     if baselines:
-      raise ValueError("--baseline is for --mode=train; the text-to-image comparison is --mode=pipeline.")
+      raise ValueError("--baseline is for --mode=train and --mode=pipeline (the text-to-image comparison).")
     measurements = bench_sample(config, batch_sizes=[int(b) for b in FLAGS.sample_batch_sizes],
                                 num_steps=FLAGS.sample_steps, steps=FLAGS.steps, warmup=FLAGS.warmup,
                                 vae_name=FLAGS.vae, peak_tflops=FLAGS.peak_tflops)

@@ -16,7 +16,7 @@ def main(directory: str, top: int = 25) -> None:
   records = [json.loads(line) for path in sorted(pathlib.Path(directory).glob("*.jsonl"))
              for line in path.read_text().splitlines() if line.strip()]
   keys = ("wall_s", "cpu_s", "trace_s", "lower_s", "compile_s", "n_compile", "read_s", "n_read", "cache_key_s",
-          "cache_write_s")
+          "cache_write_s", "gc0_s", "gc1_s", "gc2_s")
   totals = {k: sum(r.get(k, 0) for r in records) for k in keys}
   print(f"{len(records)} tests: " + ", ".join(f"{k} {v:,.1f}" for k, v in totals.items()))
   by_file = collections.defaultdict(collections.Counter)

@@ -180,6 +180,16 @@ def _compile_listeners():
         state["test"][name] += time.perf_counter() - start
     return wrapper
 
+  import gc
+  started = {}
+
+  def on_gc(phase, info):  # Python's cyclic collector, by generation
+    if phase == "start":
+      started["t"] = time.perf_counter()
+    elif "t" in started:
+      state["test"][f"gc{info['generation']}_s"] += time.perf_counter() - started.pop("t")
+
+  gc.callbacks.append(on_gc)
   compilation_cache.put_executable_and_time = timed("cache_write_s", compilation_cache.put_executable_and_time)
   compilation_cache.get_cache_key = timed("cache_key_s", compilation_cache.get_cache_key)
   return state

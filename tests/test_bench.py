@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -217,6 +218,31 @@ def test_diffusers_baseline_runs_the_same_unet_and_its_ratio_is_the_two_timings(
     baseline.parse_modes("jit")
   with pytest.raises(ValueError, match="an ldm config"):
     bench.bench_train(tiny_config(**{"bench.lora_rank": 2}), steps=1, devices=jax.devices()[:1], baselines=["eager"])
+
+
+def test_pipeline_mode_times_both_pipelines_on_one_model_and_its_ratio_is_the_two_timings(tmp_path):
+  """--mode=pipeline --baseline=eager: sd_jax's TextToImage and diffusers' StableDiffusionPipeline on the same tiny
+  model (exported to diffusers' layout for the baseline), the same prompts, steps and size; ratio = its median /
+  sd_jax's; the exported copy is removed afterwards."""
+  import tempfile
+
+  from tests import helpers
+  model = helpers.tiny_text_to_image(tmp_path / "model", ["a red square", "a blue circle"])
+  before = set(pathlib.Path(tempfile.gettempdir()).glob("sd_jax_bench_diffusers_*"))
+  (m,) = bench.bench_pipeline(model, prompts=["a red square", "a blue circle"], batch_sizes=[3], num_steps=2,
+                              steps=2, warmup=1, baselines=["eager"])
+  assert set(pathlib.Path(tempfile.gettempdir()).glob("sd_jax_bench_diffusers_*")) == before
+  assert m.mode == "pipeline (2 DDIM steps, CFG 7.5, text + VAE decode)" and m.batch == 3
+  assert m.extra["images_shape"] == [3, 16, 16, 3] and len(m.extra["times_s"]) == 2
+  assert m.median_s == pytest.approx(float(np.median(m.extra["times_s"]))) and m.compile_s > 0
+  assert m.analytic_flops > 0
+  b = m.extra["baselines"]["eager"]
+  assert b["images_shape"] == m.extra["images_shape"] and len(b["times_s"]) == 2
+  assert b["ratio"] == pytest.approx(b["median_s"] / m.median_s)
+  row = bench.baseline_row(m, config_name=f"model_dir={model}", command="python -m sd_jax.bench --mode=pipeline")
+  assert row.count("|") == bench.BASELINE_HEADER.count("|") and "| pipeline (2 DDIM steps" in row
+  with pytest.raises(ValueError, match="--prompts is empty"):
+    bench.bench_pipeline(model, prompts=[])
 
 
 def test_lora_fine_tune_step_state_is_the_adapters_only():
