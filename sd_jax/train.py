@@ -238,7 +238,8 @@ class Setup:
 # The setups of this process's latest runs: a run of a config that already ran here on the same devices, reading the
 # same files (a run resumed in a test or a notebook, a sweep point run twice in one process), takes the same Setup, so
 # the same jitted init, step, eval and sampling functions, and JAX's in-memory caches skip tracing, lowering and
-# compiling them again.
+# compiling them again. The cost: up to SETUPS_KEPT finished runs' tasks stay in memory (a fine-tune's task holds its
+# base networks on the host); `train._SETUPS.clear()` frees them.
 _SETUPS: collections.OrderedDict = collections.OrderedDict()
 SETUPS_KEPT = 4
 _FINGERPRINT_FILES = 2_000  # a path in the config with more files below it is not fingerprinted: no reuse
