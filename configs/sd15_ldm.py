@@ -23,6 +23,8 @@ Args (after the colon): res (512 | 256: image size; latents are res/8), demo (th
 tooling), folder (the training images, default data/sd15), vae_from,
 text_from (sd_jax model directories for the ldm trainer). Any key can be overridden with --config.KEY=VALUE,
 e.g. --config.model.remat_policy=dots_saveable --config.model.attention_impl=cudnn --config.mesh.fsdp=8.
+On TPU, --config.model.attention_impl=splash runs the Pallas splash (flash) attention kernel wherever a layer attends
+over at least --config.model.splash_min_seq_len tokens (4096: the first level at 512²).
 """
 
 import ml_collections
@@ -72,7 +74,7 @@ def get_config(arg=None):
 
   # The SD 1.5 U-Net; bf16 activations and matmuls, float32 params (and so float32 AdamW moments and EMA).
   c.model = ml_collections.ConfigDict(unet_lib.unet_config(
-      "sd15", sample_size=res // 8, attention_impl="xla", remat_policy="none"))
+      "sd15", sample_size=res // 8, attention_impl="xla", splash_min_seq_len=4096, remat_policy="none"))
   c.model.dtype = "bfloat16"    # ConfigDicts hold dtype names, not numpy dtypes
   c.model.param_dtype = "float32"
 

@@ -733,6 +733,27 @@ def bench_pipeline(model_dir, *, prompts: Sequence[str], batch_sizes: Sequence[i
 # AOT planning
 
 
+def topology_devices(topology: str) -> int:
+  """Devices in a TPU topology name such as v5e:2x4 or v5p:2x2x2 (one JAX device per chip): the product of its
+  dimensions."""
+  match = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)*)", topology)
+  if not match:
+    raise ValueError(f"--aot_tpu entry {topology!r}: use a TPU topology name, e.g. v5e:2x4 or v5p:2x2x2.")
+  return math.prod(int(d) for d in match.group(2).split("x"))
+
+
+def tpu_topology(topology: str):
+  """The devices of a TPU topology for compiling without one (JAX's AOT: jax.experimental.topologies), through
+  libtpu's compiler; a clear error when libtpu is not installed."""
+  try:
+    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise RuntimeError("--aot_tpu compiles with the TPU compiler from libtpu, which is not installed: `pip install "
+                       "'jax[tpu]'` (or the libtpu version jax pins) in this environment.") from e
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+
+
 def parse_mesh(name: str, num_devices: int) -> dict[str, int]:
   """'data' / 'fsdp': every device on that axis; 'fsdpK' / 'dataK': K on that axis, the rest on the other."""
   match = re.fullmatch(r"(data|fsdp)(\d*)", name)
@@ -745,11 +766,11 @@ def parse_mesh(name: str, num_devices: int) -> dict[str, int]:
   return {axis: size, other: num_devices // size, "tensor": 1}
 
 
-def aot_compile(config, task_kind: str = "auto", compile: bool = True) -> dict[str, Any]:
-  """Lowers and compiles the train step for this process's devices (fake CPU devices in --aot) without running
-  it; returns per-device memory, FLOPs and collectives. compile=False: only the state's per-device bytes (from the
-  shardings; seconds instead of minutes)."""
-  exp = make_setup(config, task_kind)
+def aot_compile(config, task_kind: str = "auto", compile: bool = True, devices=None) -> dict[str, Any]:
+  """Lowers and compiles the train step for `devices` (default this process's: fake CPU devices in --aot; a TPU
+  topology's with --aot_tpu) without running it; returns per-device memory, FLOPs and collectives. compile=False:
+  only the state's per-device bytes (from the shardings; seconds instead of minutes)."""
+  exp = make_setup(config, task_kind, devices)
   num_devices = exp.mesh.devices.size
   spec = batch_spec(exp)
   abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.batch_sharding) for k, s in spec.items()}
@@ -781,8 +802,10 @@ def aot_compile(config, task_kind: str = "auto", compile: bool = True) -> dict[s
   }
 
 
-def _point_env(num_devices: int) -> dict[str, str]:
+def _point_env(num_devices: int, tpu: str = "") -> dict[str, str]:
   env = dict(os.environ)
+  if tpu:  # the TPU compiler, from this CPU host: one host CPU device is all the process needs
+    num_devices = 1
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   # The program is never run: skip LLVM's optimisations (buffer assignment, hence the memory analysis, and the
   # HLO passes are unaffected; the compile is several times faster).
@@ -794,15 +817,19 @@ def _point_env(num_devices: int) -> dict[str, str]:
 
 
 def run_aot_point(config_args: Sequence[str], num_devices: int, mesh: str, per_device_batch: int, *,
-                  task_kind: str = "auto", timeout_s: float = 900.0, compile: bool = True) -> dict[str, Any]:
-  """One AOT compile in a subprocess with `num_devices` fake CPU devices; {"error": ...} on failure/timeout."""
+                  task_kind: str = "auto", timeout_s: float = 900.0, compile: bool = True,
+                  tpu: str = "") -> dict[str, Any]:
+  """One AOT compile in a subprocess with `num_devices` fake CPU devices, or for the TPU topology `tpu` (e.g.
+  v5e:2x4) with libtpu's compiler; {"error": ...} on failure/timeout."""
   cmd = [sys.executable, "-m", "sd_jax.bench", *config_args, "--aot_worker", f"--aot_devices={num_devices}",
          f"--aot_meshes={mesh}", f"--aot_per_device_batch={per_device_batch}", f"--task={task_kind}",
-         f"--aot_compile={compile}"]
+         f"--aot_compile={compile}", f"--aot_tpu={tpu}"]
   point = {"num_devices": num_devices, "mesh_name": mesh, "per_device_batch": per_device_batch}
+  if tpu:
+    point["tpu"] = tpu
   t0 = time.perf_counter()
   try:
-    result = subprocess.run(cmd, cwd=REPO, env=_point_env(num_devices), capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=REPO, env=_point_env(num_devices, tpu), capture_output=True, text=True,
                             timeout=timeout_s)
   except subprocess.TimeoutExpired:
     return {**point, "error": f"compile did not finish in {timeout_s:.0f} s (--aot_timeout)"}
@@ -814,9 +841,14 @@ def run_aot_point(config_args: Sequence[str], num_devices: int, mesh: str, per_d
 
 
 def aot_worker(config, num_devices: int, mesh_name: str, per_device_batch: int, task_kind: str,
-               compile: bool = True) -> dict[str, Any]:
+               compile: bool = True, tpu: str = "") -> dict[str, Any]:
   """Body of one --aot subprocess: set the mesh and global batch, compile, report."""
-  if jax.device_count() != num_devices:
+  devices = None
+  if tpu:
+    devices = tpu_topology(tpu)
+    if len(devices) != num_devices:
+      raise RuntimeError(f"TPU topology {tpu} has {len(devices)} devices, expected {num_devices}.")
+  elif jax.device_count() != num_devices:
     raise RuntimeError(f"the AOT worker sees {jax.device_count()} devices, expected {num_devices}: run it through "
                        "--aot (which sets XLA_FLAGS=--xla_force_host_platform_device_count).")
   mesh = parse_mesh(mesh_name, num_devices)
@@ -824,7 +856,7 @@ def aot_worker(config, num_devices: int, mesh_name: str, per_device_batch: int, 
     for axis, size in mesh.items():
       config.mesh[axis] = size
     config.batch_size = per_device_batch * num_devices
-  return aot_compile(config, task_kind, compile)
+  return aot_compile(config, task_kind, compile, devices)
 
 
 @contextlib.contextmanager
@@ -838,7 +870,7 @@ def _unlocked(config):
 
 def aot_row(r: dict[str, Any]) -> str:
   """A markdown row of AOT_HEADER for one point."""
-  mesh = r.get("mesh_name", "")
+  mesh = r.get("mesh_name", "") + (f" on {r['tpu']}" if r.get("tpu") else "")
   if "error" in r:
     cells = [str(r["num_devices"]), mesh, str(r["per_device_batch"]), f"failed: {r['error']}"] + [""] * 11
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
@@ -861,11 +893,13 @@ def aot_row(r: dict[str, Any]) -> str:
 
 def run_aot(config_args: Sequence[str], devices: Sequence[int], meshes: Sequence[str],
             per_device_batches: Sequence[int], *, task_kind: str = "auto", timeout_s: float = 900.0,
-            compile: bool = True, log=print) -> list[dict[str, Any]]:
+            compile: bool = True, log=print, tpus: Sequence[str] = ()) -> list[dict[str, Any]]:
   """Every (device count, mesh, per-device batch) point, each in its own subprocess. A fixed-size mesh (fsdp64)
-  is skipped for device counts it does not divide."""
+  is skipped for device counts it does not divide. `tpus`: TPU topologies (v5e:2x4, ...) in place of `devices`,
+  compiled by libtpu's compiler."""
   results = []
-  for n in devices:
+  targets = [(topology_devices(t), t) for t in tpus] if tpus else [(n, "") for n in devices]
+  for n, tpu in targets:
     for mesh in meshes:
       try:
         parse_mesh(mesh, n)
@@ -875,7 +909,8 @@ def run_aot(config_args: Sequence[str], devices: Sequence[int], meshes: Sequence
         log(f"skipped: {e}")
         continue
       for b in per_device_batches:
-        r = run_aot_point(config_args, n, mesh, b, task_kind=task_kind, timeout_s=timeout_s, compile=compile)
+        r = run_aot_point(config_args, n, mesh, b, task_kind=task_kind, timeout_s=timeout_s, compile=compile,
+                          tpu=tpu)
         log(aot_row(r))
         results.append(r)
   return results
@@ -970,6 +1005,8 @@ def _define_flags():
   flags.DEFINE_float("aot_timeout", 1800.0, "AOT: seconds allowed per compile.")
   flags.DEFINE_bool("aot_compile", True, "AOT: compile the step; --noaot_compile reports the state bytes only.")
   flags.DEFINE_string("aot_json", "", "AOT: also write every point's full result as JSON lines to this file.")
+  flags.DEFINE_list("aot_tpu", [], "AOT: TPU topologies (e.g. v5e:2x4,v5p:2x2x2) to compile for with libtpu's "
+                    "compiler on this host, in place of --aot_devices (needs libtpu: pip install 'jax[tpu]').")
   flags.DEFINE_bool("aot_worker", False, "Internal: one AOT compile in this process.")
   return flags.FLAGS
 
@@ -989,7 +1026,7 @@ def main(argv):
   command = "python -m sd_jax.bench " + shlex.join(sys.argv[1:])
   if FLAGS.aot_worker:
     result = aot_worker(config, int(FLAGS.aot_devices[0]), FLAGS.aot_meshes[0], int(FLAGS.aot_per_device_batch[0]),
-                        FLAGS.task, FLAGS.aot_compile)
+                        FLAGS.task, FLAGS.aot_compile, FLAGS.aot_tpu[0] if FLAGS.aot_tpu else "")
     print("AOT_RESULT " + json.dumps(result))
     return
   if FLAGS.aot:
@@ -997,12 +1034,15 @@ def main(argv):
     print("|" + "---|" * (AOT_HEADER.count("|") - 1))
     results = run_aot(config_args, [int(n) for n in FLAGS.aot_devices], FLAGS.aot_meshes,
                       [int(b) for b in FLAGS.aot_per_device_batch], task_kind=FLAGS.task,
-                      timeout_s=FLAGS.aot_timeout, compile=FLAGS.aot_compile)
+                      timeout_s=FLAGS.aot_timeout, compile=FLAGS.aot_compile, tpus=FLAGS.aot_tpu)
     if FLAGS.aot_json:
       Path(FLAGS.aot_json).write_text("".join(json.dumps(r) + "\n" for r in results))
     if FLAGS.benchmarks:
-      preamble = (f"AOT plan, {datetime.date.today().isoformat()}, JAX {jax.__version__}, fake CPU devices: "
-                  f"`{command}`")
+      target = "fake CPU devices"
+      if FLAGS.aot_tpu:
+        from importlib import metadata  # pylint: disable=import-outside-toplevel
+        target = f"TPU compiler (libtpu {metadata.version('libtpu')})"
+      preamble = f"AOT plan, {datetime.date.today().isoformat()}, JAX {jax.__version__}, {target}: `{command}`"
       append_rows(FLAGS.benchmarks, AOT_HEADER, [aot_row(r) for r in results], preamble)
     return
   from sd_jax import baseline  # pylint: disable=import-outside-toplevel  (imports torch only when asked)

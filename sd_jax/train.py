@@ -7,6 +7,7 @@ Trainers (sd_jax/trainers/) provide the model, the loss and their evaluation thr
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -34,6 +35,7 @@ from sd_jax import images as images_lib
 from sd_jax import trainers
 from sd_jax import workdir_lock
 from sd_jax.data import input_pipeline
+from sd_jax.models import layers
 from sd_jax.trainers import base
 
 EXPORT_DIR = "export"  # WORKDIR/export: the finished model (sd_jax/weights/store.py), written by `task.export`
@@ -123,13 +125,23 @@ def _apply_update(state: TrainState, grads, loss, metrics, *, tx, schedule, conf
   return new_state, metrics
 
 
+def _per_device_kernels(batch_sharding):
+  """While tracing the step: Pallas kernels (splash attention) run per device over the batch's mesh axes."""
+  if batch_sharding is None:
+    return contextlib.nullcontext()
+  axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return layers.splash_mesh(batch_sharding.mesh, axes)
+
+
 def train_step(state: TrainState, batch, frozen, *, task, tx, schedule, config, global_batch: int,
                key_sharding=None):
   keys = _example_keys(state, global_batch)
   if key_sharding is not None:
     keys = jax.lax.with_sharding_constraint(keys, key_sharding)
   loss_fn = functools.partial(task.loss, step=state.step)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, keys)
+  with _per_device_kernels(key_sharding):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, keys)
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
 
@@ -144,10 +156,11 @@ def train_step_pmap(state: TrainState, batch, frozen, *, task, tx, schedule, con
   return _apply_update(state, grads, loss, metrics, tx=tx, schedule=schedule, config=config)
 
 
-def eval_step(params, frozen, batch, *, task, seed: int):
+def eval_step(params, frozen, batch, *, task, seed: int, batch_sharding=None):
   """The task's held-out metrics of one batch (a full batch, or the split's smaller last one), with fixed draws."""
   keys = jax.random.split(jax.random.PRNGKey(seed), jax.tree.leaves(batch)[0].shape[0])
-  return task.eval_metrics(params, frozen, batch, keys)
+  with _per_device_kernels(batch_sharding):
+    return task.eval_metrics(params, frozen, batch, keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,7 +244,8 @@ class Setup:
   def eval_fn(self):
     """`eval_step` jitted for this setup's task."""
     if "eval" not in self.jitted:
-      self.jitted["eval"] = jax.jit(functools.partial(eval_step, task=self.task, seed=self.config.seed))
+      self.jitted["eval"] = jax.jit(functools.partial(eval_step, task=self.task, seed=self.config.seed,
+                                                      batch_sharding=self.batch_sharding))
     return self.jitted["eval"]
 
 

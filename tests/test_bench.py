@@ -317,3 +317,16 @@ def test_aot_command_line_and_compiled_memory(tmp_path):
   config = tiny_config()
   assert r["analytic_flops"] == 3 * flops.unet_forward_flops(
       unet_lib.create_unet(config.model.to_dict()), 8, context_length=8).total
+
+
+def test_aot_for_a_tpu_topology_counts_its_chips_and_without_libtpu_says_what_to_install(monkeypatch):
+  """--aot_tpu=v5e:2x4 compiles with libtpu's TPU compiler on this host (BENCHMARKS.md's TPU rows); the test
+  environment has no libtpu, so it checks the parse and the message, and that the point's row names the topology."""
+  assert bench.topology_devices("v5e:2x4") == 8 and bench.topology_devices("v5p:2x2x2") == 8
+  with pytest.raises(ValueError, match=r"--aot_tpu entry 'v5e-8'.*e\.g\. v5e:2x4"):
+    bench.topology_devices("v5e-8")
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # an import of it fails, as where it is not installed
+  with pytest.raises(RuntimeError, match=r"libtpu, which is not installed: `pip install 'jax\[tpu\]'`"):
+    bench.tpu_topology("v5e:2x4")
+  failed = {"num_devices": 8, "mesh_name": "fsdp", "per_device_batch": 4, "tpu": "v5e:2x4", "error": "x"}
+  assert bench.aot_row(failed).startswith("| 8 | fsdp on v5e:2x4 | 4 | failed: x |")

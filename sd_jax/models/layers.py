@@ -25,9 +25,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import contextlib
+import contextvars
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -46,9 +51,14 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Values accepted by the attention-implementation switch (passed to jax.nn.dot_product_attention).
-# None lets JAX choose; "cudnn" needs a GPU and fp16/bf16 inputs.
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", None)
+# Values accepted by the attention-implementation switch. "xla", "cudnn" and None (JAX chooses) go to
+# jax.nn.dot_product_attention; "cudnn" needs a GPU and fp16/bf16 inputs. "splash" runs JAX's Pallas splash
+# (flash) attention kernel for TPU on sequences of at least `splash_min_seq_len` queries and the "xla" path on
+# shorter ones: the [T, S] attention matrix is never materialised, which at 512² (4,096 latent tokens in the U-Net's
+# first level and the VAE's middle) is most of the activation memory (BENCHMARKS.md).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", None)
+# Queries below which "splash" runs the "xla" path: maxdiffusion's default (flash_min_seq_length) too.
+SPLASH_MIN_SEQ_LEN = 4096
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,6 +110,7 @@ def dot_product_attention(
     scale: float | None = None,
     upcast: bool = False,
     implementation: str | None = "xla",
+    splash_min_seq_len: int = SPLASH_MIN_SEQ_LEN,
 ) -> Array:
   """Multi-head attention over [B, L, H, D] inputs via `jax.nn.dot_product_attention`.
 
@@ -111,7 +122,8 @@ def dot_product_attention(
     upcast: compute in float32 (diffusers' `upcast_attention`, needed by SD 2.1-v in half precision). The
       cuDNN kernel already accumulates and takes the softmax in float32 and only accepts fp16/bf16 inputs, so
       the cast is skipped there.
-    implementation: "xla", "cudnn" or None (JAX chooses).
+    implementation: "xla", "cudnn", "splash" or None (JAX chooses).
+    splash_min_seq_len: with "splash", shorter query sequences take the "xla" path.
 
   Returns:
     [B, T, H, D] in the query's dtype.
@@ -121,8 +133,118 @@ def dot_product_attention(
   out_dtype = query.dtype
   if upcast and implementation != "cudnn":
     query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
+  if implementation == "splash":
+    if query.shape[1] >= splash_min_seq_len:
+      return splash_attention(query, key, value, mask=mask, scale=scale).astype(out_dtype)
+    implementation = "xla"
   out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
   return out.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splash (flash) attention: JAX's Pallas TPU kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplashContext:
+  mesh: jax.sharding.Mesh | None = None
+  batch_axes: tuple[str, ...] = ()
+  interpret: bool = False
+
+
+_SPLASH = contextvars.ContextVar("sd_jax_splash", default=_SplashContext())
+
+
+@contextlib.contextmanager
+def splash_mesh(mesh: jax.sharding.Mesh, batch_axes: Sequence[str]):
+  """While tracing under this context, splash attention runs per device (shard_map) over `mesh` with the batch
+  split over `batch_axes`: a Pallas kernel is opaque to XLA's partitioner, which would otherwise gather every
+  operand onto every device. The training step enters it (train.jit_train_step)."""
+  token = _SPLASH.set(dataclasses.replace(_SPLASH.get(), mesh=mesh, batch_axes=tuple(batch_axes)))
+  try:
+    yield
+  finally:
+    _SPLASH.reset(token)
+
+
+@contextlib.contextmanager
+def pallas_interpret():
+  """Splash attention traced under this context runs in Pallas' interpret mode (any backend, e.g. the CPU in
+  tests): the same kernel, block by block, as ordinary JAX operations."""
+  token = _SPLASH.set(dataclasses.replace(_SPLASH.get(), interpret=True))
+  try:
+    yield
+  finally:
+    _SPLASH.reset(token)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def splash_block(length: int) -> int:
+  """The kernel's block along a sequence of `length`: 512 (a multiple of the TPU's 128 lanes), or the whole
+  sequence rounded up to 128 when shorter."""
+  return min(512, _round_up(length, 128))
+
+
+def splash_attention(query: Array, key: Array, value: Array, *, mask: Array | None = None,
+                     scale: float | None = None) -> Array:
+  """`dot_product_attention` through `jax.experimental.pallas.ops.tpu.splash_attention`.
+
+  [B, T, H, D] queries, [B, S, H, D] keys and values. The sequences are padded to whole blocks (`splash_block`) and
+  the head dimension to the TPU's 128 lanes (zeros: no change to q·k, zero columns of the output, sliced off);
+  padded keys, and keys a [B, 1, 1, S] padding mask removes, get segment id 1 and the queries 0, so no query
+  attends to them. Other masks are refused."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
+
+  ctx = _SPLASH.get()
+  platform = ctx.mesh.devices.flat[0].platform if ctx.mesh is not None else jax.default_backend()
+  if platform != "tpu" and not ctx.interpret:
+    raise ValueError(f"attention_impl='splash' runs a Pallas TPU kernel, and this program is for {platform}: use "
+                     "attention_impl='xla' (or 'cudnn' on a GPU); tests run the kernel in interpret mode "
+                     "(layers.pallas_interpret()).")
+  batch, q_len, heads, head_dim = query.shape
+  kv_len = key.shape[1]
+  if mask is not None:
+    if mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != kv_len:
+      raise ValueError(f"splash attention takes a key-padding mask of shape [B, 1, 1, S]; got {mask.shape}. "
+                       "Use attention_impl='xla' for other masks.")
+    key_valid = jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (batch, kv_len))
+  else:
+    key_valid = jnp.ones((batch, kv_len), bool)
+  scale = head_dim**-0.5 if scale is None else scale
+  block_q, block_kv = splash_block(q_len), splash_block(kv_len)
+  q_pad, kv_pad = _round_up(q_len, block_q), _round_up(kv_len, block_kv)
+  d_pad = _round_up(head_dim, 128)
+
+  def to_kernel(t, length):  # [B, L, H, D] -> [B, H, L_pad, D_pad]
+    t = jnp.swapaxes(t, 1, 2)
+    return jnp.pad(t, ((0, 0), (0, 0), (0, length - t.shape[2]), (0, d_pad - head_dim)))
+
+  q = to_kernel(query * jnp.asarray(scale, query.dtype), q_pad)
+  k, v = to_kernel(key, kv_pad), to_kernel(value, kv_pad)
+  kv_segments = jnp.pad(~key_valid, ((0, 0), (0, kv_pad - kv_len)), constant_values=True).astype(jnp.int32)
+  q_segments = jnp.zeros((batch, q_pad), jnp.int32)
+
+  block_sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                                  block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                                  block_q_dq=block_q, block_kv_dq=block_kv)
+  full = splash.MultiHeadMask([splash.FullMask((q_pad, kv_pad))] * heads)
+  kernel = splash.make_splash_mha(full, block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=ctx.interpret)
+
+  def attend(q, k, v, q_segments, kv_segments):  # one device's share of the batch
+    return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks)))(
+        q, k, v, q_segments, kv_segments)
+
+  axes = tuple(a for a in ctx.batch_axes if ctx.mesh is not None and ctx.mesh.shape[a] > 1)
+  if axes:
+    split = int(np.prod([ctx.mesh.shape[a] for a in axes]))
+    spec = jax.sharding.PartitionSpec(axes if batch % split == 0 else None)  # else each device does all of it
+    attend = jax.shard_map(attend, mesh=ctx.mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
+  out = attend(q, k, v, q_segments, kv_segments)  # [B, H, T_pad, D_pad]
+  return jnp.swapaxes(out[:, :, :q_len, :head_dim], 1, 2)
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -271,6 +393,7 @@ class Attention(nn.Module):
   rescale_output_factor: float = 1.0
   upcast_attention: bool = False
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   dropout: float = 0.0  # on the output projection
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -315,6 +438,7 @@ class Attention(nn.Module):
         scale=self.dim_head**-0.5,
         upcast=self.upcast_attention,
         implementation=self.attention_impl,
+        splash_min_seq_len=self.splash_min_seq_len,
     )
     out = out.reshape(batch, length, inner)
     out = dense(
@@ -404,6 +528,7 @@ class BasicTransformerBlock(nn.Module):
   norm_eps: float = 1e-5
   dropout: float = 0.0
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -421,6 +546,7 @@ class BasicTransformerBlock(nn.Module):
         dim_head=self.attention_head_dim,
         upcast_attention=self.upcast_attention,
         attention_impl=self.attention_impl,
+        splash_min_seq_len=self.splash_min_seq_len,
         dropout=self.dropout,
         **kw,
     )
@@ -458,6 +584,7 @@ class Transformer2DModel(nn.Module):
   upcast_attention: bool = False
   dropout: float = 0.0
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"  # applied to each BasicTransformerBlock
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -493,6 +620,7 @@ class Transformer2DModel(nn.Module):
           upcast_attention=self.upcast_attention,
           dropout=self.dropout,
           attention_impl=self.attention_impl,
+          splash_min_seq_len=self.splash_min_seq_len,
           name=f"transformer_blocks_{i}",
           **kw,
       )(h, context, context_mask, deterministic)

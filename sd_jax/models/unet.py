@@ -69,6 +69,7 @@ class _UNetBlock(nn.Module):
   output_scale_factor: float = 1.0
   dropout: float = 0.0
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = layers.SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -101,6 +102,7 @@ class _UNetBlock(nn.Module):
           upcast_attention=self.upcast_attention,
           dropout=self.dropout,
           attention_impl=self.attention_impl,
+          splash_min_seq_len=self.splash_min_seq_len,
           remat_policy=self.remat_policy,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
@@ -119,6 +121,7 @@ class _UNetBlock(nn.Module):
           rescale_output_factor=self.output_scale_factor,
           upcast_attention=self.upcast_attention,
           attention_impl=self.attention_impl,
+          splash_min_seq_len=self.splash_min_seq_len,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name=name,
@@ -256,7 +259,8 @@ class UNet2DConditionModel(nn.Module):
   # JAX-side switches (not part of the diffusers config).
   dtype: Dtype = jnp.float32  # compute / activation dtype
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" | None (auto)
+  attention_impl: str | None = "xla"  # "xla" | "cudnn" | "splash" | None (auto): layers.dot_product_attention
+  splash_min_seq_len: int = layers.SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | "nothing_saveable" | ... (layers.REMAT_POLICIES)
 
   # -- config resolution ---------------------------------------------------------------------------------------
@@ -392,6 +396,7 @@ class UNet2DConditionModel(nn.Module):
         resnet_time_scale_shift=self.resnet_time_scale_shift,
         dropout=self.dropout,
         attention_impl=self.attention_impl,
+        splash_min_seq_len=self.splash_min_seq_len,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -656,7 +661,7 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str,
 
 
 # sd_jax fields that are not diffusers config keys.
-_JAX_ONLY = ("dtype", "param_dtype", "attention_impl", "remat_policy", "mid_block_add_attention")
+_JAX_ONLY = ("dtype", "param_dtype", "attention_impl", "splash_min_seq_len", "remat_policy", "mid_block_add_attention")
 _UNET2D_KEYS = (
     "sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_dim", "freq_shift",
     "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",

@@ -114,6 +114,7 @@ class _VAEBlock(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = "silu"
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = layers.SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -183,6 +184,7 @@ class VAEMidBlock(_VAEBlock):
           eps=VAE_NORM_EPS,
           residual_connection=True,
           attention_impl=self.attention_impl,
+          splash_min_seq_len=self.splash_min_seq_len,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name="attentions_0",
@@ -200,6 +202,7 @@ class Encoder(nn.Module):
   act_fn: str = "silu"
   mid_block_add_attention: bool = True
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = layers.SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -211,6 +214,7 @@ class Encoder(nn.Module):
         norm_num_groups=self.norm_num_groups,
         act_fn=self.act_fn,
         attention_impl=self.attention_impl,
+        splash_min_seq_len=self.splash_min_seq_len,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -245,6 +249,7 @@ class Decoder(nn.Module):
   act_fn: str = "silu"
   mid_block_add_attention: bool = True
   attention_impl: str | None = "xla"
+  splash_min_seq_len: int = layers.SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -256,6 +261,7 @@ class Decoder(nn.Module):
         norm_num_groups=self.norm_num_groups,
         act_fn=self.act_fn,
         attention_impl=self.attention_impl,
+        splash_min_seq_len=self.splash_min_seq_len,
         remat_policy=self.remat_policy,
         **kw,
     )
@@ -313,7 +319,8 @@ class AutoencoderKL(nn.Module):
   # JAX-side switches (not part of the diffusers config).
   dtype: Dtype = jnp.float32  # compute / activation dtype; the posterior is always float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" | None (auto)
+  attention_impl: str | None = "xla"  # "xla" | "cudnn" | "splash" | None (auto): layers.dot_product_attention
+  splash_min_seq_len: int = layers.SPLASH_MIN_SEQ_LEN  # "splash": shorter query sequences take the "xla" path
   remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | ... (layers.REMAT_POLICIES), per resnet/attention
 
   def validate(self) -> None:
@@ -354,6 +361,7 @@ class AutoencoderKL(nn.Module):
         act_fn=self.act_fn,
         mid_block_add_attention=self.mid_block_add_attention,
         attention_impl=self.attention_impl,
+        splash_min_seq_len=self.splash_min_seq_len,
         remat_policy=self.remat_policy,
         **kw,
     )
