@@ -118,7 +118,8 @@ def get_config(arg=None):
     # widths and a short context, so the CPU tests of the bench compile in seconds.
     c.model = ml_collections.ConfigDict(unet_lib.unet_config(
         "sd15", sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=2,
-        cross_attention_dim=32, norm_num_groups=8))
+        cross_attention_dim=32, norm_num_groups=8, attention_impl="xla", splash_min_seq_len=4096,
+        remat_policy="none"))
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.dataset.resolution = 16   # with the test-sized VAE (f2): 8×8 latents

@@ -20,6 +20,7 @@ extras: sd_jax itself never imports them, and this module imports them only when
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -93,24 +94,31 @@ def torch_unet(module, params: Mapping[str, Any]):
 
 def time_unet_train_step(net, *, latents: np.ndarray, context: np.ndarray, alphas_cumprod: np.ndarray,
                          mode: str = "eager", steps: int = 5, warmup: int = 1, lr: float = 1e-4,
-                         weight_decay: float = 1e-2, seed: int = 0) -> Timing:
+                         weight_decay: float = 1e-2, seed: int = 0, device: str = "cpu",
+                         autocast_dtype: str | None = None) -> Timing:
   """Forward + backward + AdamW of `net` on one batch (fresh t and ε each step), as a diffusers training script
-  runs it; `mode="compile"` wraps the U-Net in torch.compile."""
+  runs it; `mode="compile"` wraps the U-Net in torch.compile. `device` "cuda": on the GPU, with float32 weights
+  and `autocast_dtype` ("bfloat16") activations, as diffusers' scripts run `--mixed_precision=bf16`."""
   torch = _torch()
-  generator = torch.Generator().manual_seed(seed)
-  x0 = torch.from_numpy(np.asarray(latents, np.float32).transpose(0, 3, 1, 2).copy())  # NHWC -> NCHW
-  ctx = torch.from_numpy(np.array(context, np.float32))  # a writable copy
-  abar = torch.from_numpy(np.array(alphas_cumprod, np.float32))
+  generator = torch.Generator(device=device).manual_seed(seed)
+  x0 = torch.from_numpy(np.asarray(latents, np.float32).transpose(0, 3, 1, 2).copy()).to(device)  # NHWC -> NCHW
+  ctx = torch.from_numpy(np.array(context, np.float32)).to(device)  # a writable copy
+  abar = torch.from_numpy(np.array(alphas_cumprod, np.float32)).to(device)
+  net = net.to(device)
   model = torch.compile(net) if mode == "compile" else net
+  autocast = (torch.autocast(device_type=device, dtype=getattr(torch, autocast_dtype)) if autocast_dtype
+              else contextlib.nullcontext())
   optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
   losses = []
 
   def step():
-    t = torch.randint(0, len(abar), (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, len(abar), (x0.shape[0],), generator=generator, device=device)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
     a = abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    loss = torch.nn.functional.mse_loss(model(x_t, t, ctx).sample, noise)
+    with autocast:
+      prediction = model(x_t, t, ctx).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), noise)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

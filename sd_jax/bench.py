@@ -22,6 +22,12 @@ Modes:
   --aot          compiles the train step for meshes of fake CPU devices without running it (one subprocess per
                  mesh, XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports per-device memory, FLOPs
                  and collective bytes.
+                 --aot_tpu=v5e:2x4,...: for TPU topologies instead, with libtpu's TPU compiler on this host
+                 (jax.experimental.topologies; `pip install 'jax[tpu]'`), no TPU needed.
+  --suite=gpu    every GPU row of BENCHMARKS.md's targets in one command (GPU_SUITE below: SD 1.5 train steps at
+                 512² and 256² over batch sizes with the levers, sampling at batch 1 and 16, the diffusers ratios),
+                 in order of importance until --suite_budget_s (8 min); rows to BENCHMARKS.md, every point's
+                 result to --suite_json. --suite_tiny runs the same points at test sizes on any machine.
 
 What is reported, and how:
 
@@ -43,6 +49,7 @@ version, config and the command that produced it. --aot appends a table of its o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -65,6 +72,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from sd_jax import config_lib
 from sd_jax import flops as flops_lib
 from sd_jax import parallel
 from sd_jax import train as train_lib
@@ -562,13 +570,17 @@ def _train_baselines(exp: train_lib.Setup, params, batch, modes: Sequence[str], 
   call, and ratio = its median / sd_jax's (above 1: sd_jax is faster)."""
   from sd_jax import baseline  # pylint: disable=import-outside-toplevel
   task, optim = exp.task, exp.config.optim
+  # On a GPU, diffusers runs there too, with bf16 autocast where sd_jax computes in bf16 (float32 weights both).
+  on_gpu = jax.devices()[0].platform == "gpu"
+  dtype = jnp.dtype(task.model.dtype)
+  device_kw = dict(device="cuda", autocast_dtype=dtype.name if dtype != jnp.float32 else None) if on_gpu else {}
   out = {}
   for mode in modes:
     net = baseline.torch_unet(task.model, params)  # fresh weights per mode: each starts where sd_jax started
     timing = baseline.time_unet_train_step(
         net, latents=batch["latent_mean"], context=batch["context"],
         alphas_cumprod=np.asarray(task.schedule.alphas_cumprod), mode=mode, steps=steps, warmup=max(warmup, 1),
-        lr=float(optim.lr), weight_decay=float(optim.get("weight_decay", 0.0)), seed=exp.config.seed)
+        lr=float(optim.lr), weight_decay=float(optim.get("weight_decay", 0.0)), seed=exp.config.seed, **device_kw)
     out[mode] = {"median_s": timing.median_s, "first_call_s": timing.first_call_s, "times_s": timing.times_s,
                  "threads": timing.threads, "loss": timing.extra["loss"], "ratio": timing.median_s / jax_median_s}
     del net
@@ -730,6 +742,136 @@ def bench_pipeline(model_dir, *, prompts: Sequence[str], batch_sizes: Sequence[i
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# --suite=gpu: every GPU row of BENCHMARKS.md's targets in one invocation
+
+
+@dataclasses.dataclass(frozen=True)
+class SuitePoint:
+  """One measurement of a suite: the SD 1.5 config (configs/sd15_ldm.py:`arg`) with `overrides`."""
+  name: str
+  mode: str                                   # "train" | "sample"
+  arg: str = ""                               # sd15_ldm args, e.g. "res=256"
+  overrides: tuple[tuple[str, Any], ...] = ()  # dotted config keys
+  sample_batch_sizes: tuple[int, ...] = ()
+  baselines: tuple[str, ...] = ()
+
+
+# In order of importance: a point starts only while the budget lasts. 512²: the first level attends over 4,096
+# tokens; bf16 activations and matmuls, float32 GroupNorm/LayerNorm statistics and weights (the config's default).
+GPU_SUITE = (
+    SuitePoint("train 512² b16, XLA attention", "train", "", (("batch_size", 16),)),
+    SuitePoint("train 512² b16, cuDNN attention, + diffusers eager", "train", "",
+               (("batch_size", 16), ("model.attention_impl", "cudnn")), baselines=("eager",)),
+    SuitePoint("train 512² b32, cuDNN attention", "train", "",
+               (("batch_size", 32), ("model.attention_impl", "cudnn"))),
+    SuitePoint("train 512² b64, cuDNN attention, remat dots_saveable", "train", "",
+               (("batch_size", 64), ("model.attention_impl", "cudnn"), ("model.remat_policy", "dots_saveable"))),
+    SuitePoint("train 256² b64, cuDNN attention", "train", "res=256",
+               (("batch_size", 64), ("model.attention_impl", "cudnn"))),
+    SuitePoint("sample 512², 50 DDIM steps + guidance + VAE decode, b1 and b16", "sample", "",
+               (("model.attention_impl", "cudnn"),), sample_batch_sizes=(1, 16)),
+    SuitePoint("train 512² b16, cuDNN attention, + diffusers torch.compile", "train", "",
+               (("batch_size", 16), ("model.attention_impl", "cudnn")), baselines=("compile",)),
+)
+
+# --suite_tiny: the same points at test sizes, for a CPU (tests/test_bench.py): the runlocal U-Net with one level,
+# the configs' args (res) dropped, train batches / 2, sampling batches / 8, 2 DDIM steps, and XLA attention where
+# the point asks for cuDNN (a GPU kernel).
+_TINY_OVERRIDES = (("model.block_out_channels", (32,)), ("model.down_block_types", ("CrossAttnDownBlock2D",)),
+                   ("model.up_block_types", ("CrossAttnUpBlock2D",)))
+
+
+def suite_config(point: SuitePoint, tiny: bool = False):
+  """The point's config, locked as the command line leaves it."""
+  arg = ",".join(a for a in (point.arg if not tiny else "", "runlocal" if tiny else "") if a)
+  config = config_lib.load_config_file(REPO / "configs" / "sd15_ldm.py", arg or None)
+  config.lock()
+  for key, value in (*point.overrides, *(_TINY_OVERRIDES if tiny else ())):
+    if tiny and key == "batch_size":
+      value = max(1, value // 2)  # 16 -> 8: the runlocal config's own batch
+    if tiny and key == "model.attention_impl" and value == "cudnn":
+      value = "xla"
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def point_command(point: SuitePoint, steps: int, warmup: int) -> str:
+  """The single-point command that measures what this suite point measures."""
+  config = "configs/sd15_ldm.py" + (f":{point.arg}" if point.arg else "")
+  flags = [f"--config={config}", *(f"--config.{k}={v}" for k, v in point.overrides), f"--mode={point.mode}",
+           f"--steps={steps}", f"--warmup={warmup}"]
+  if point.sample_batch_sizes:
+    flags.append("--sample_batch_sizes=" + ",".join(map(str, point.sample_batch_sizes)))
+  if point.baselines:
+    flags.append("--baseline=" + ",".join(point.baselines))
+  return "python -m sd_jax.bench " + shlex.join(flags)
+
+
+def run_suite(points: Sequence[SuitePoint] = GPU_SUITE, *, budget_s: float = 480.0, tiny: bool = False,
+              steps: int = 5, warmup: int = 2, sample_steps: int = 50, benchmarks: str | Path | None = None,
+              json_path: str | Path | None = None, command: str = "python -m sd_jax.bench --suite=gpu",
+              peak_tflops: float | None = None, log=print) -> list[dict[str, Any]]:
+  """Measures each point in order on this process's first device until `budget_s` has passed (the points left are
+  reported as skipped); a point that fails (e.g. out of memory at a batch size) is reported and the suite goes on.
+  Appends the rows to `benchmarks` (the measured and the diffusers tables) and writes every result to `json_path`.
+  Returns one dict per point: name, command, status ("measured" | "failed" | "skipped"), and the measurements."""
+  start = time.perf_counter()
+  results = []
+  rows, compared = [], []
+  for point in points:
+    cmd = point_command(point, steps, warmup)
+    entry = {"name": point.name, "command": cmd, "status": "skipped", "measurements": []}
+    results.append(entry)
+    elapsed = time.perf_counter() - start
+    if elapsed > budget_s:
+      entry["error"] = f"the suite's budget ({budget_s:.0f} s) was spent after {elapsed:.0f} s"
+      log(f"[suite] skipped: {point.name} ({entry['error']})")
+      continue
+    log(f"[suite] {point.name}  ({elapsed:.0f} s into the suite)")
+    config_name = cmd.split("--config=")[1].split()[0] + (" (tiny)" if tiny else "")
+    try:
+      config = suite_config(point, tiny)
+      if point.mode == "train":
+        ms = [bench_train(config, steps=steps, warmup=warmup, devices=jax.devices()[:1], peak_tflops=peak_tflops,
+                          baselines=point.baselines)]
+      else:
+        batch_sizes = tuple(max(1, b // 8) for b in point.sample_batch_sizes) if tiny else point.sample_batch_sizes
+        ms = bench_sample(config, batch_sizes=batch_sizes, num_steps=2 if tiny else sample_steps,
+                          steps=max(1, steps // 2), warmup=1, peak_tflops=peak_tflops)
+    except Exception as e:  # noqa: BLE001 - one point's failure (memory, a missing kernel) is that point's row
+      entry.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+      log(f"[suite] failed: {point.name}: {entry['error']}")
+      continue
+    entry["status"] = "measured"
+    for m in ms:
+      entry["measurements"].append({**dataclasses.asdict(m), "extra": {
+          k: v for k, v in m.extra.items() if k in ("loss", "baselines", "memory_analysis")}})
+      rows.append(measurement_row(m, config_name=config_name, command=cmd))
+      log(rows[-1])
+      if (row := baseline_row(m, config_name=config_name, command=cmd)) is not None:
+        compared.append(row)
+        log(row)
+  if json_path:
+    Path(json_path).write_text(json.dumps({"command": command, "device": _device_summary()[0], "jax": jax.__version__,
+                                           "date": datetime.date.today().isoformat(), "budget_s": budget_s,
+                                           "wall_s": time.perf_counter() - start, "points": results},
+                                          indent=1, default=float) + "\n")
+  if benchmarks:
+    not_measured = [f"{r['name']}: {r['status']} ({r['error']})" for r in results if r["status"] != "measured"]
+    preamble = (f"`{command}`, {datetime.date.today().isoformat()}, {time.perf_counter() - start:.0f} s"
+                + ("; not measured: " + "; ".join(not_measured) if not_measured else ""))
+    if rows:
+      append_rows(benchmarks, MEASURED_HEADER, rows, preamble)
+    if compared:
+      append_rows(benchmarks, BASELINE_HEADER, compared, preamble)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # AOT planning
 
 
@@ -806,6 +948,7 @@ def _point_env(num_devices: int, tpu: str = "") -> dict[str, str]:
   env = dict(os.environ)
   if tpu:  # the TPU compiler, from this CPU host: one host CPU device is all the process needs
     num_devices = 1
+    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: points may compile side by side
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   # The program is never run: skip LLVM's optimisations (buffer assignment, hence the memory analysis, and the
   # HLO passes are unaffected; the compile is several times faster).
@@ -1008,6 +1151,13 @@ def _define_flags():
   flags.DEFINE_list("aot_tpu", [], "AOT: TPU topologies (e.g. v5e:2x4,v5p:2x2x2) to compile for with libtpu's "
                     "compiler on this host, in place of --aot_devices (needs libtpu: pip install 'jax[tpu]').")
   flags.DEFINE_bool("aot_worker", False, "Internal: one AOT compile in this process.")
+  flags.DEFINE_enum("suite", None, ["gpu"], "Run a whole suite instead of one measurement. gpu: every GPU row of "
+                    "BENCHMARKS.md's targets on one GPU (SD 1.5 train steps at 512² and 256² over batch sizes and "
+                    "levers, sampling at batch 1 and 16, the diffusers ratios), in order until --suite_budget_s.")
+  flags.DEFINE_float("suite_budget_s", 480.0, "Suite: no point starts after this many seconds.")
+  flags.DEFINE_string("suite_json", "gpu_suite.json", "Suite: every point's result (or why it was not measured) as "
+                      "JSON; '' = none.")
+  flags.DEFINE_bool("suite_tiny", False, "Suite: the same points at test sizes (a CPU check of the command).")
   return flags.FLAGS
 
 
@@ -1024,6 +1174,16 @@ def main(argv):
   config = FLAGS.config
   config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
   command = "python -m sd_jax.bench " + shlex.join(sys.argv[1:])
+  if FLAGS.suite:
+    if config_args or FLAGS.aot:
+      raise ValueError("--suite=gpu builds its own configs (configs/sd15_ldm.py): drop --config and --aot.")
+    results = run_suite(GPU_SUITE, budget_s=FLAGS.suite_budget_s, tiny=FLAGS.suite_tiny,
+                        steps=FLAGS.steps if FLAGS["steps"].present else 5, warmup=FLAGS.warmup,
+                        sample_steps=FLAGS.sample_steps or 50, benchmarks=FLAGS.benchmarks or None,
+                        json_path=FLAGS.suite_json or None, command=command, peak_tflops=FLAGS.peak_tflops)
+    counts = collections.Counter(r["status"] for r in results)
+    print(f"[suite] {dict(counts)}" + (f"; rows appended to {FLAGS.benchmarks}" if FLAGS.benchmarks else ""))
+    return
   if FLAGS.aot_worker:
     result = aot_worker(config, int(FLAGS.aot_devices[0]), FLAGS.aot_meshes[0], int(FLAGS.aot_per_device_batch[0]),
                         FLAGS.task, FLAGS.aot_compile, FLAGS.aot_tpu[0] if FLAGS.aot_tpu else "")

@@ -336,7 +336,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
   # -> logical-to-mesh shardings -> jit(init, out_shardings).
   def init_state(rng, unbox: bool = True) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    params = task.init_params(init_rng)
+    with _per_device_kernels(parallel.batch_sharding(mesh, rules)):  # init runs the model once
+      params = task.init_params(init_rng)
     if unbox:
       params = nn.meta.unbox(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -330,3 +330,25 @@ def test_aot_for_a_tpu_topology_counts_its_chips_and_without_libtpu_says_what_to
     bench.tpu_topology("v5e:2x4")
   failed = {"num_devices": 8, "mesh_name": "fsdp", "per_device_batch": 4, "tpu": "v5e:2x4", "error": "x"}
   assert bench.aot_row(failed).startswith("| 8 | fsdp on v5e:2x4 | 4 | failed: x |")
+
+
+def test_the_gpu_suite_at_tiny_sizes_measures_each_point_writes_rows_and_json_and_keeps_to_its_budget(tmp_path):
+  """--suite=gpu's own points (GPU_SUITE) at test sizes on the CPU: a train point with the diffusers ratio and the
+  sampling point are measured; rows go to the two tables; the JSON holds every point; once the budget is spent the
+  rest are reported as skipped, not dropped. (The other train points differ in batch size and levers only.)"""
+  points = [bench.GPU_SUITE[i] for i in (1, 5)]
+  assert [p.mode for p in points] == ["train", "sample"] and points[0].baselines == ("eager",)
+  out, json_out = tmp_path / "B.md", tmp_path / "suite.json"
+  results = bench.run_suite(points, tiny=True, steps=1, warmup=0, benchmarks=out, json_path=json_out,
+                            log=lambda *_: None)
+  assert [r["status"] for r in results] == ["measured"] * 2, [r.get("error") for r in results]
+  assert [len(r["measurements"]) for r in results] == [1, 2]  # sampling: batch 1 and 2 (16 / 8)
+  assert results[0]["measurements"][0]["extra"]["baselines"]["eager"]["ratio"] > 0
+  tables = out.read_text().split(bench.BASELINE_HEADER)
+  assert len(tables) == 2 and bench.MEASURED_HEADER in tables[0]
+  assert tables[0].count("| train |") == 1 and tables[0].count("| sample (2 DDIM steps, CFG + VAE decode) |") == 2
+  assert tables[1].count("| train |") == 1 and "--baseline=eager" in tables[1]
+  assert json.loads(json_out.read_text())["points"] == json.loads(json.dumps(results, default=float))
+
+  spent = bench.run_suite(points[:2], tiny=True, budget_s=0.0, log=lambda *_: None)
+  assert [r["status"] for r in spent] == ["skipped"] * 2 and "budget (0 s) was spent" in spent[1]["error"]
