@@ -57,7 +57,7 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 # shorter ones: the [T, S] attention matrix is never materialised, which at 512² (4,096 latent tokens in the U-Net's
 # first level and the VAE's middle) is most of the activation memory (BENCHMARKS.md).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", None)
-# Queries below which "splash" runs the "xla" path: maxdiffusion's default (flash_min_seq_length) too.
+# Queries below which "splash" runs the "xla" path (maxdiffusion's WAN configs set flash_min_seq_length to 4096 too).
 SPLASH_MIN_SEQ_LEN = 4096
 
 
