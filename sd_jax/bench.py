@@ -783,8 +783,7 @@ _TINY_OVERRIDES = (("model.block_out_channels", (32,)), ("model.down_block_types
 
 def suite_config(point: SuitePoint, tiny: bool = False):
   """The point's config, locked as the command line leaves it."""
-  arg = ",".join(a for a in (point.arg if not tiny else "", "runlocal" if tiny else "") if a)
-  config = config_lib.load_config_file(REPO / "configs" / "sd15_ldm.py", arg or None)
+  config = config_lib.load_config_file(REPO / "configs" / "sd15_ldm.py", "runlocal" if tiny else point.arg or None)
   config.lock()
   for key, value in (*point.overrides, *(_TINY_OVERRIDES if tiny else ())):
     if tiny and key == "batch_size":
