@@ -18,6 +18,7 @@ the config (another model or optimizer) is not damage: that stops the run with t
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -79,10 +80,31 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
+def write_whole_replicas_on_cpu() -> bool:
+  """On CPU devices, orbax writes each replicated array from one replica instead of from a slice per replica.
+
+  Orbax's replica-parallel saving splits an array that is replicated over N devices into N slices, each copied to
+  the host from its own device: on accelerators, N device-to-host links at once. On CPU devices the "device"
+  buffers are host memory already, so the split only costs N slicing programs per array shape (each compiled once
+  per process, then dispatched every save) and N small copies. Off on CPU: an 8-device data-parallel save of the
+  test U-Net's state, 4 saves, took 12.0 s with the slices and 6.2 s without (2026-12-04, machine F). The files are
+  the same. Returns whether orbax's jax.Array handler now writes whole replicas (True on CPU)."""
+  if jax.default_backend() != "cpu":
+    return False
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, "_use_replica_parallel", False):
+    handler = copy.copy(current)
+    handler._use_replica_parallel = False  # ArrayHandler(use_replica_parallel=False), keeping its other settings
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  # False if this orbax has no such attribute (renamed): tests/test_train.py catches that.
+  return getattr(ocp.type_handlers.get_type_handler(jax.Array), "_use_replica_parallel", None) is False
+
+
 class Checkpointer:
   """The train state and the data iterator, saved together at one step."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True, with_data: bool = True):
+    write_whole_replicas_on_cpu()
     self._with_data = with_data
     item_names = ("state", "data") if with_data else ("state",)
     self.manager = ocp.CheckpointManager(

@@ -8,10 +8,12 @@ import tempfile
 # The test programs are tiny and compiling them dominates the suite: skip LLVM's optimisations (as sd_jax.bench
 # --aot does). XLA's HLO passes still run, so the programs compute the same things (and cost/memory analyses are
 # unchanged); CPU compiles are several times faster. XLA's classic loop emitters instead of its newer fusion
-# emitters: a quarter less compile time again (the ldm trainer's programs: 50.7 -> 38.6 s). Subprocesses inherit
-# these flags (helpers.xla_flags).
+# emitters: a quarter less compile time again (the ldm trainer's programs: 50.7 -> 38.6 s). LLVM code generation in
+# one piece rather than split for threads: the suite keeps both cores busy anyway, and the split's overhead goes
+# (the ddpm test U-Net's init + train step, 3 runs each: 10.7 -> 9.2 CPU-s of compiling). Subprocesses inherit these
+# flags (helpers.xla_flags).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                      "--xla_cpu_use_fusion_emitters=false")
+                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # nothing downloads at run time
 # The commands' subprocesses start with glibc's huge-page malloc already (sd_jax/machine.py), so they do not restart

@@ -156,6 +156,35 @@ def test_half_written_checkpoint_is_never_restored(reference, tmp_path):
   assert not partial.exists()
 
 
+def test_replicated_arrays_are_saved_whole_on_cpu_without_slicing_programs(tmp_path, caplog):
+  """On CPU devices orbax writes a replicated array from one replica: no per-replica slicing programs are compiled
+  (sd_jax/checkpoint.py write_whole_replicas_on_cpu), and the checkpoint restores onto another sharding."""
+  import logging
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  params = {"a": jax.device_put(np.arange(24 * 7, dtype=np.float32).reshape(24, 7), replicated),
+            "b": jax.device_put(np.arange(40, dtype=np.int32).reshape(8, 5), sharded)}
+  step = jax.device_put(np.int32(1), replicated)
+  state = train.TrainState(step=step, params=params, opt_state={}, ema_params=None, rng=step)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False, with_data=False)
+  assert ckpt_lib.write_whole_replicas_on_cpu()
+  with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles():
+    checkpointer.save(1, state)
+  compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert not compiled, compiled
+  swapped = {"a": sharded, "b": replicated}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  abstract = abstract.replace(params={k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=swapped[k])
+                                      for k, v in params.items()})
+  restored = checkpointer.restore(1, abstract)
+  checkpointer.close()
+  for key in params:
+    np.testing.assert_array_equal(np.asarray(restored.params[key]), np.asarray(params[key]))
+    assert restored.params[key].sharding == swapped[key]
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
   config = _config(total_steps=30, save_every_steps=1, **{"optim.lr": 1e30, "optim.grad_clip_norm": 0.0,
                                                          "optim.warmup_steps": 0, "mesh.data": 1})
