@@ -30,8 +30,11 @@ def main(directory: str, top: int = 25) -> None:
   for r in sorted(records, key=lambda r: -r.get("compile_s", 0))[:top]:
     print(f"  {r['wall_s']:7.1f} {r.get('compile_s', 0):7.1f} {r.get('n_compile', 0):5d}  {r['test']}")
   programs = collections.defaultdict(lambda: [0, 0.0, set()])
+  same_key = collections.defaultdict(list)
   for r in records:
-    for kind, name, seconds in r["programs"]:
+    for kind, name, seconds, *key in r["programs"]:
+      if kind == "compile" and key and key[0]:
+        same_key[key[0]].append((seconds, name, r["test"]))
       if kind == "compile":
         p = programs[name]
         p[0] += 1
@@ -40,6 +43,14 @@ def main(directory: str, top: int = 25) -> None:
   print("\nprograms by total compile seconds (compiles, seconds, files):")
   for name, (n, seconds, files) in sorted(programs.items(), key=lambda kv: -kv[1][1])[:top]:
     print(f"  {n:5d} {seconds:8.1f}  {name}  [{len(files)} files]")
+  # One persistent-cache key compiled more than once: the workers compiled it at the same time, or the cache did not
+  # take it. Seconds after the first compile are wasted.
+  twice = {k: v for k, v in same_key.items() if len(v) > 1}
+  wasted = sum(sum(s for s, *_ in v) - v[0][0] for v in twice.values())
+  print(f"\nthe same program compiled more than once: {len(twice)} programs, {wasted:,.1f} s after the first compile")
+  for key, compiles in sorted(twice.items(), key=lambda kv: -sum(s for s, *_ in kv[1][1:]))[:top]:
+    print(f"  {len(compiles)}x {sum(s for s, *_ in compiles):7.1f} s  {compiles[0][1]}  "
+          f"{sorted({t for *_, t in compiles})[:3]}")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def _compile_listeners():
       state["hit"] = False
       state["test"][kind + "_s"] += duration
       state["test"]["n_" + kind] += 1
-      state["programs"].append((kind, name, round(duration, 3)))
+      state["programs"].append((kind, name, round(duration, 3), state.pop("key", "")))
     elif event.endswith("/jaxpr_trace_duration"):
       state["test"]["trace_s"] += duration
     elif event.endswith("/jaxpr_to_mlir_module_duration"):
@@ -194,8 +194,16 @@ def _compile_listeners():
       state["test"][f"gc{info['generation']}_s"] += time.perf_counter() - started.pop("t")
 
   gc.callbacks.append(on_gc)
+  def keyed(fn):  # the program's persistent-cache key: the same key compiled twice is a compile wasted
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      key = fn(*args, **kwargs)
+      state["key"] = str(key)[-16:]
+      return key
+    return wrapper
+
   compilation_cache.put_executable_and_time = timed("cache_write_s", compilation_cache.put_executable_and_time)
-  compilation_cache.get_cache_key = timed("cache_key_s", compilation_cache.get_cache_key)
+  compilation_cache.get_cache_key = timed("cache_key_s", keyed(compilation_cache.get_cache_key))
   return state
 
 
