@@ -365,13 +365,28 @@ class GroupNorm(nn.Module):
     bias = self.param(
         "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (channels,), self.param_dtype
     )
-    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
-    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)  # all but batch and group
-    mean = grouped.mean(axis=axes, keepdims=True)
-    var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-    y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    x32 = x.astype(jnp.float32)
+    mean = self._group_mean(x32)
+    centred = x32 - mean
+    var = self._group_mean(jnp.square(centred))  # two passes, as torch: no E[x²] - E[x]² cancellation
+    y = centred * jax.lax.rsqrt(var + self.epsilon)
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(self.dtype)
+
+  def _group_mean(self, v: Array) -> Array:
+    """[B, ..., C] -> [B, 1, ..., C]: for each channel, the mean of `v` over its group's channels and all positions.
+
+    Summed per channel over the positions first (a reduction over the major axes, vectorised along the channels),
+    then over each group's channels. Reducing the [B, ..., G, C/G] view over (positions, C/G) at once, as before,
+    is the same sum in another order and took XLA's CPU code 2-4.5x longer (32×32×64 at batch 8: 3.6 -> 0.8 ms;
+    2026-12-04, machine F)."""
+    batch, channels = v.shape[0], v.shape[-1]
+    positions = tuple(range(1, v.ndim - 1))
+    per_group = channels // self.num_groups
+    sums = v.sum(axis=positions).reshape(batch, self.num_groups, per_group).sum(axis=-1, keepdims=True)
+    means = sums / (math.prod(v.shape[1:-1]) * per_group)
+    means = jnp.broadcast_to(means, (batch, self.num_groups, per_group)).reshape(batch, channels)
+    return means.reshape(batch, *(1,) * len(positions), channels)
 
 
 class Attention(nn.Module):
