@@ -161,7 +161,7 @@ DAMAGES = {  # how a checkpoint is damaged -> what the message must name
 
 
 def _restore_latest(config, workdir, strict):
-  setup = train.setup(config, devices=jax.devices()[:1])
+  setup = train.cached_setup(config, devices=jax.devices()[:1])  # the saved run's: nothing traced again
   data = input_pipeline.create_iterator(config.dataset, split="train", global_batch_size=config.batch_size,
                                         seed=config.seed)
   checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=config.keep)
@@ -190,7 +190,7 @@ def test_a_damaged_checkpoint_is_named_moved_aside_and_stepped_over(saved_run, d
   assert any(named in r.getMessage() and "3.damaged" in r.getMessage() for r in caplog.records)
   wanted = ckpt_lib.Checkpointer(str(original), keep=config.keep, with_data=False)
   try:
-    step2 = wanted.restore(2, train.setup(config, devices=jax.devices()[:1]).abstract_state)
+    step2 = wanted.restore(2, train.cached_setup(config, devices=jax.devices()[:1]).abstract_state)
   finally:
     wanted.close()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(step2.params))

@@ -200,7 +200,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path)
 def test_init_from_loads_params_and_reports_mismatch(reference, tmp_path):
   # 2 steps, so that the warmup (2 steps) and hence the train step are the reference run's: compiled already.
   config = _config(init_from=str(reference), total_steps=2, **{"mesh.data": 1})
-  setup = train.setup(config, devices=jax.devices()[:1])
+  setup = train.cached_setup(config, devices=jax.devices()[:1])  # the run below takes it up
   loaded, mask = ckpt_lib.load_params(str(reference), jax.tree.map(lambda x: x, setup.abstract_state.params),
                                       setup.state_shardings.params, allow_partial=False)
   assert all(jax.tree.leaves(mask))
