@@ -216,21 +216,6 @@ def test_the_loop_resumes_exactly_past_a_damaged_checkpoint_and_never_starts_fre
 # No silent bad output
 
 
-def test_a_small_eval_split_is_evaluated_and_what_is_left_out_is_said(data_dir, tmp_path, caplog):
-  """The test split (64 examples) with batch 48 on 3 devices: a full batch, then the last 16 trimmed to 15."""
-  config = _config(total_steps=1, batch_size=48, eval_every_steps=0, eval_batches=-1, **{"mesh.data": 3})
-  with caplog.at_level(logging.WARNING):
-    train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:3])
-  (row,) = [r for r in metrics.read_metrics(tmp_path) if "eval_loss" in r]
-  assert np.isfinite(row["eval_loss"])
-  assert any("1 example(s) of the test split were not evaluated (not a multiple of the 3 data-parallel devices)"
-             in r.getMessage() for r in caplog.records)
-  # A split smaller than the batch: evaluated as one smaller batch (it used to give no eval_loss at all).
-  config = _config(total_steps=1, batch_size=80, eval_every_steps=0)
-  train.train_and_evaluate(config, str(tmp_path / "big"), devices=jax.devices()[:1])
-  assert any(np.isfinite(r.get("eval_loss", np.nan)) for r in metrics.read_metrics(tmp_path / "big"))
-
-
 def test_zero_steps_on_a_fresh_workdir_refuses_to_export_an_untrained_model(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"total_steps=0 in a workdir with no checkpoint: nothing would be trained"):
     train.train_and_evaluate(_config(total_steps=0), str(tmp_path), devices=jax.devices()[:1])

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import logging
 import json
 import pathlib
 import re
@@ -138,6 +139,28 @@ def test_resharded_restore(mesh_run):
   checkpointer.close()
 
 
+def test_a_small_eval_split_is_evaluated_and_what_is_left_out_is_said(mesh_run, tmp_path, caplog):
+  """13 held-out examples with batch 8 on the data2fsdp2tensor2 layout (4 data-parallel devices): a full batch,
+  then the last 5 trimmed to 4. Then 5 examples on one device: a split smaller than the batch is evaluated as one
+  smaller batch (it used to give no eval_loss at all). Both runs are the sharding runs' and the reference's configs
+  but for the evaluation (2 steps keep the warmup), so their train steps come from the compilation cache."""
+  mesh_run("data2fsdp2tensor2")  # compiles the 8-device programs first, when this test runs alone
+  layout = {f"mesh.{k}": v for k, v in MESHES["data2fsdp2tensor2"].items()}
+  config = _config(total_steps=2, eval_every_steps=0, eval_batches=-1, save_every_steps=STEPS,
+                   **{"dataset.eval_split": "test[:13]", **layout})
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path / "mesh"))
+  (row,) = [r for r in metrics.read_metrics(tmp_path / "mesh") if "eval_loss" in r]
+  assert np.isfinite(row["eval_loss"])
+  assert any("1 example(s) of the test[:13] split were not evaluated (not a multiple of the 4 data-parallel devices)"
+             in r.getMessage() for r in caplog.records)
+  config = _config(total_steps=2, eval_every_steps=0, eval_batches=-1, **{"dataset.eval_split": "test[:5]",
+                                                                          "mesh.data": 1})
+  train.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+  (row,) = [r for r in metrics.read_metrics(tmp_path / "one") if "eval_loss" in r]
+  assert np.isfinite(row["eval_loss"])
+
+
 def test_half_written_checkpoint_is_never_restored(reference, tmp_path):
   """A save killed midway leaves orbax's temporary directory; resume uses the last complete checkpoint."""
   shutil.copytree(reference, tmp_path / "w")
@@ -187,8 +210,9 @@ def test_replicated_arrays_are_saved_whole_on_cpu_without_slicing_programs(tmp_p
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-  config = _config(total_steps=30, save_every_steps=1, **{"optim.lr": 1e30, "optim.grad_clip_norm": 0.0,
-                                                         "optim.warmup_steps": 0, "mesh.data": 1})
+  # Gradient clipping and the warmup are the reference run's, so the initial state's program is too (compiled
+  # already); Adam's steps are about lr in size whatever the gradients' scale, and the second one diverges.
+  config = _config(total_steps=30, save_every_steps=1, **{"optim.lr": 1e30, "mesh.data": 1})
   with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
@@ -261,11 +285,13 @@ def test_a_config_run_again_in_the_process_reuses_its_setup_and_trains_the_same(
     train.train_and_evaluate(config, str(tmp_path / name), devices=jax.devices()[:1])
   assert len(traced) == 1 and len(train._SETUPS) == 1
   assert helpers.losses(tmp_path / "a") == helpers.losses(tmp_path / "b") == helpers.losses(reference)
-  # The caller's config changed for the next run, on another device: a setup of its own; the first kept its copy.
-  config.total_steps = 1
-  train.train_and_evaluate(config, str(tmp_path / "c"), devices=jax.devices()[1:2])
+  # The caller's config changed for the next run: a setup of its own (traced again); the first kept its copy. Two
+  # steps keep the warmup (2 steps) and so the programs the same: they come from the persistent compilation cache.
+  config.total_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / "c"), devices=jax.devices()[:1])
   assert len(traced) == 2 and len(train._SETUPS) == 2
-  assert [exp.config.total_steps for exp in train._SETUPS.values()] == [STEPS, 1]
+  assert [exp.config.total_steps for exp in train._SETUPS.values()] == [STEPS, 2]
+  assert helpers.losses(tmp_path / "c") == {s: v for s, v in helpers.losses(reference).items() if s <= 2}
 
 
 def test_a_changed_file_the_config_names_makes_a_new_setup(tmp_path):

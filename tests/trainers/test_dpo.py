@@ -104,20 +104,22 @@ def test_the_loss_of_the_tiny_model_is_the_formula_in_numpy(base, references):
 
   draws = losses_lib.example_draws(keys)
   d_keys = jax.vmap(lambda k: jax.random.split(k))(draws["latent"])
-  z = [np.asarray(task.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(
-      task.vae.apply({"params": frozen["vae"]}, batch[image], method="encode"), d_keys[:, i])))
-       for i, image in enumerate(("image", "image_l"))]
+  # The networks' calls jitted (one program each, not op by op): the reference is the formula, not the dispatch.
+  encode = jax.jit(lambda images, keys: task.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(
+      task.vae.apply({"params": frozen["vae"]}, images, method="encode"), keys)))
+  z = [np.asarray(encode(batch[image], d_keys[:, i])) for i, image in enumerate(("image", "image_l"))]
   t = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, 1000))(draws["timestep"]))
   eps = np.stack([np.asarray(losses_lib.offset_noise(k, (1,) + z[0].shape[1:])[0]) for k in draws["noise"]])
   abar = np.asarray(task.schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
-  context = task.encode_text(params, frozen, batch["tokens"])
+  context = jax.jit(task.encode_text)(params, frozen, batch["tokens"])
   policy = task.unet_fn(params, frozen)
+  networks = {"model": jax.jit(lambda x, t, context: policy(x, t, context, draws["dropout"][0])),
+              "ref": jax.jit(lambda x, t, context: task.unet.apply({"params": frozen["unet"]}, x, t, context))}
   errors = {}
   for name, image in (("w", z[0]), ("l", z[1])):
     x_t = np.sqrt(abar) * image + np.sqrt(1 - abar) * eps
-    for who, fn in (("model", lambda x: policy(x, t, context, draws["dropout"][0])),
-                    ("ref", lambda x: task.unet.apply({"params": frozen["unet"]}, x, t, context))):
-      out = np.asarray(fn(x_t.astype(np.float32)), np.float64)
+    for who, fn in networks.items():
+      out = np.asarray(fn(x_t.astype(np.float32), t, context), np.float64)
       errors[who, name] = np.mean((eps - out) ** 2, axis=(1, 2, 3))
   inside = -0.5 * config.dpo.beta * ((errors["model", "w"] - errors["model", "l"])
                                      - (errors["ref", "w"] - errors["ref", "l"]))

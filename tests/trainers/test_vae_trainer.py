@@ -184,15 +184,19 @@ def test_gan_gradients_reach_each_network_only_through_its_own_objective():
 
 
 def test_gan_train_step_updates_both_networks():
-  """One step of the loop's own train_step with the discriminator on from step 0."""
-  config = _config("runlocal,gan", **{"mesh.data": 1, "optim.warmup_steps": 0})  # a non-zero first update
+  """Two steps of the loop's own train_step, the discriminator on from the second (whose learning rate the warmup
+  makes non-zero): both networks move. The config is test_loop_passes_the_step_for_a_delayed_discriminator_start's,
+  so the two tests share one compiled step."""
+  config = _config("runlocal,gan", **{"mesh.data": 1, "losses.disc_start": 1})
   setup = train.setup(config, devices=jax.devices()[:1])
   state = setup.init_fn(jax.random.PRNGKey(config.seed))
   fresh = jax.device_get(state.params)
   step = jax.jit(functools.partial(train.train_step, task=setup.task, tx=setup.tx, schedule=setup.schedule,
                                    config=config, global_batch=config.batch_size))
   batch, _ = _batch_and_keys(config)
-  state, aux = jax.device_get(step(state, batch, {}))
+  for _ in range(2):
+    state, aux = step(state, batch, {})
+  state, aux = jax.device_get((state, aux))
   for key in ("loss", "d_loss", "g_loss", "d_weight", "logits_real", "logits_fake", "gan_factor"):
     assert np.isfinite(aux[key]), key
   assert aux["d_weight"] > 0 and aux["gan_factor"] == config.losses.disc_factor
