@@ -343,7 +343,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params if config.ema_decay > 0 else None, rng=state_rng)
 
-  boxed_state = jax.eval_shape(functools.partial(init_state, unbox=False), jax.random.PRNGKey(config.seed))
+  boxed_init = functools.partial(init_state, unbox=False)
+  boxed_state = jax.eval_shape(boxed_init, jax.random.PRNGKey(config.seed))
   state_shardings = parallel.logical_to_sharding(boxed_state, mesh, rules)
   abstract_state = nn.meta.unbox(boxed_state)
   if config.parallelism == "pmap":
@@ -356,7 +357,18 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
   frozen_shardings = None if frozen_abstract is None else parallel.logical_to_sharding(frozen_abstract, mesh, rules)
   return Setup(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                state_shardings=state_shardings, abstract_state=abstract_sharded, boxed_params=boxed_state.params,
-               init_fn=jax.jit(init_state, out_shardings=state_shardings), frozen_shardings=frozen_shardings)
+               init_fn=_unboxed(jax.jit(boxed_init, out_shardings=state_shardings)),
+               frozen_shardings=frozen_shardings)
+
+
+def _unboxed(boxed_init_fn):
+  """The jitted init without its logical-axis boxes. It jits the function eval_shape traced above, whose jaxpr JAX
+  keeps (its trace cache is keyed by the function): the model is traced once, not once for the shapes and again for
+  the program. The out_shardings (a tree of the unboxed state) apply to each box's value."""
+  @functools.wraps(boxed_init_fn)
+  def init_fn(rng):
+    return nn.meta.unbox(boxed_init_fn(rng))
+  return init_fn
 
 
 def jit_train_step(exp: Setup):

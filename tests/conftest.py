@@ -129,6 +129,12 @@ def pytest_collection_finish(session):
   and each full pass walks all of them (tests/trainers/test_ldm_trainer.py alone, one process: 13.3 -> 2.8 s in
   full collections, 218 -> 202 CPU-s in all). SD_JAX_TEST_GC_THRESHOLD="700,10,10" restores the default."""
   import gc
+
+  import jax
+  # JAX's CPU backend starts now, with this file's 8 devices: a test that sets XLA_FLAGS for the commands it starts
+  # (tests/test_stages.py, tests/experiments/test_launch.py) and first touches JAX itself would otherwise start it
+  # with their device count, for every later test in the process.
+  jax.devices()
   if os.environ.get("SD_JAX_TEST_GC_FREEZE", "1") == "1":
     gc.collect()
     gc.freeze()
