@@ -70,9 +70,20 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def _without_unit_axes(axes, mesh: Mesh):
+  """`axes` (a mesh axis name, a tuple of them or None) without the axes of size 1, which split nothing."""
+  if axes is None:
+    return None
+  kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
+  return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Replicates every dimension of `spec` that its mesh axes do not divide (e.g. 3 RGB channels over fsdp=8)."""
-  entries = list(spec) + [None] * (len(shape) - len(spec))
+  """Replicates every dimension of `spec` that its mesh axes do not divide (e.g. 3 RGB channels over fsdp=8), and
+  drops the mesh axes of size 1: a layout that shards nothing is written as replicated, so the programs of a
+  data-parallel run are the same whatever other axes of size 1 its mesh names (a data=8 mesh's and pmap's initial
+  state, an fsdp=1 ablation's and the baseline's), and one compiled program serves them."""
+  entries = [_without_unit_axes(axes, mesh) for axes in list(spec) + [None] * (len(shape) - len(spec))]
   fitted = [axes if dim % _axis_size(mesh, axes) == 0 else None for axes, dim in zip(entries, shape)]
   return P(*fitted)
 

@@ -47,6 +47,17 @@ def test_logical_shardings_replicate_what_an_axis_does_not_divide():
   assert all(a is None for a in shardings["params"]["Conv_0"]["bias"].spec)  # unnamed -> replicated
 
 
+def test_axes_of_size_one_are_left_out_of_the_specs():
+  """A mesh axis of size 1 splits nothing: left out, so a data-parallel layout's specs are the replicated ones (and
+  its programs those of pmap's replicated state or of a mesh without the axis)."""
+  data8 = parallel.create_mesh(_mesh_config(data=8))
+  assert parallel.fit_spec(P("fsdp", ("tensor", "fsdp")), (8, 6), data8) == P(None, None)
+  mixed = parallel.create_mesh(_mesh_config(data=2, fsdp=4, tensor=1))
+  assert parallel.fit_spec(P(("fsdp", "tensor"), "tensor"), (8, 6), mixed) == P("fsdp", None)
+  assert parallel.fit_spec(P(("data", "fsdp")), (8,), mixed) == P(("data", "fsdp"))
+  assert parallel.fit_spec(P(("data", "fsdp")), (6,), mixed) == P(None)  # 6 over 8: replicated
+
+
 def _conv_grad_error(batch_axes) -> float:
   """Relative error of a sharded 2-conv gradient on a 2x2x2 mesh against the unsharded one."""
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
