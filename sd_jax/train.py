@@ -224,7 +224,7 @@ class Setup:
   state_shardings: TrainState
   abstract_state: TrainState     # ShapeDtypeStructs carrying the shardings
   boxed_params: Any              # params with their logical axis names
-  init_fn: Any                   # jitted rng -> sharded TrainState
+  init_fn: Any                   # rng -> sharded TrainState, one jitted program
   frozen_shardings: Any = None   # shardings of the task's frozen networks (None if it has none)
   jitted: dict = dataclasses.field(default_factory=dict, repr=False)  # jit_train_step / eval_fn, built once
 

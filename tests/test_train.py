@@ -96,6 +96,20 @@ def test_fsdp_actually_shards_params(data_dir):
   assert any("tensor" in str(s.spec) for s in jax.tree.leaves(tensor.state_shardings.params))
 
 
+def test_setup_traces_the_model_init_once(data_dir):
+  """The shapes (eval_shape) and the jitted init share one trace of the model's init."""
+  from sd_jax import trainers
+  config = _config(**{"mesh.data": 1})
+  task = trainers.get(config.trainer).Task(config)
+  calls, real = [], task.init_params
+  task.init_params = lambda rng: (calls.append(rng), real(rng))[1]
+  setup = train.setup(config, devices=jax.devices()[:1], task=task)
+  state = jax.eval_shape(setup.init_fn, jax.random.PRNGKey(0))  # traces the jitted init, compiles nothing
+  assert len(calls) == 1
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                          setup.abstract_state)
+
+
 def test_pmap_matches_jit(reference, tmp_path):
   train.train_and_evaluate(_config(parallelism="pmap", save_every_steps=STEPS), str(tmp_path))
   _assert_same_losses(tmp_path, reference)

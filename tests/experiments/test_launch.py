@@ -137,9 +137,9 @@ def _free_port() -> int:
 def test_slurm_task_script_runs_two_processes(data_dir, tmp_path, monkeypatch):
   """The generated srun task script, started twice with the environment srun gives each task (SLURM_PROCID,
   SLURM_NTASKS, the node list): one 2-process run over 4 CPU devices (gloo collectives), each process reading its own
-  data shard, equals one process with 4 devices. This is the suite's only real multi-process run (they are slow on a
-  small machine); tests/test_multiprocess.py checks that the explicit --coordinator_address / --num_processes /
-  --process_id flags reach the same jax.distributed set-up."""
+  data shard, equals the same run in one process on one device. This is the suite's only real multi-process run
+  (they are slow on a small machine); tests/test_multiprocess.py checks that the explicit --coordinator_address /
+  --num_processes / --process_id flags reach the same jax.distributed set-up."""
   shapes.build(data_dir, config="r32_tiny")
   sweep_file = tmp_path / "seeds.py"
   sweep_file.write_text(textwrap.dedent(SWEEP_FILE).replace("seeds(2)", "seeds([0])"))
@@ -170,12 +170,13 @@ def test_slurm_task_script_runs_two_processes(data_dir, tmp_path, monkeypatch):
   # Both processes took part in every checkpoint.
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, TOTAL]
 
-  # The same run in one process with 4 devices: the same losses.
+  # The same run in one process on one device (the unsharded computation; its programs are tests/test_train.py's
+  # reference run's, compiled already): the same losses.
   import jax
   from sd_jax import train
   single = helpers.load_config(seed=0, total_steps=TOTAL, save_every_steps=3, log_every_steps=1, eval_every_steps=-1,
-                               **{"optim.schedule": "constant"})
-  train.train_and_evaluate(single, str(tmp_path / "one"), devices=jax.devices()[:4])
+                               **{"optim.schedule": "constant", "mesh.data": 1})
+  train.train_and_evaluate(single, str(tmp_path / "one"), devices=jax.devices()[:1])
   one = helpers.losses(tmp_path / "one")
   assert sorted(one) == list(range(1, TOTAL + 1))
   np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5)

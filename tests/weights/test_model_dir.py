@@ -86,18 +86,20 @@ def _torch_outputs(models):
 
 
 def _sd_jax_outputs(model_dir):
-  """README's Python example, in test form: load a model directory and run each network."""
+  """README's Python example, in test form: load a model directory and run each network (in one jitted program:
+  op by op, every small op would compile on its own)."""
   models = model_dir_lib.load_model(model_dir)
-  x = _inputs()
-  unet, unet_params = models["unet"]
-  noise = unet.apply({"params": unet_params}, x["latents"], x["timesteps"], x["context"])
-  vae, vae_params = models["vae"]
-  posterior = vae.apply({"params": vae_params}, x["image"], method=vae.encode)
-  reconstruction = vae.apply({"params": vae_params}, posterior.mode(), method=vae.decode)
-  text, text_params = models["text_encoder"]
-  out = text.apply({"params": text_params}, x["ids"], output_hidden_states=True)
-  return dict(noise=noise, latent_mean=posterior.mean, reconstruction=reconstruction, last=out.last_hidden_state,
-              penultimate=out.hidden_states[-2], pooled=out.pooler_output)
+  (unet, _), (vae, _), (text, _) = models["unet"], models["vae"], models["text_encoder"]
+
+  @jax.jit
+  def run(params, x):
+    noise = unet.apply({"params": params["unet"]}, x["latents"], x["timesteps"], x["context"])
+    posterior = vae.apply({"params": params["vae"]}, x["image"], method=vae.encode)
+    reconstruction = vae.apply({"params": params["vae"]}, posterior.mode(), method=vae.decode)
+    out = text.apply({"params": params["text_encoder"]}, x["ids"], output_hidden_states=True)
+    return dict(noise=noise, latent_mean=posterior.mean, reconstruction=reconstruction, last=out.last_hidden_state,
+                penultimate=out.hidden_states[-2], pooled=out.pooler_output)
+  return run({name: models[name][1] for name in ("unet", "vae", "text_encoder")}, _inputs())
 
 
 def _assert_close(got, want):
