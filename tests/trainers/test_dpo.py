@@ -104,22 +104,23 @@ def test_the_loss_of_the_tiny_model_is_the_formula_in_numpy(base, references):
 
   draws = losses_lib.example_draws(keys)
   d_keys = jax.vmap(lambda k: jax.random.split(k))(draws["latent"])
-  # The networks' calls jitted (one program each, not op by op): the reference is the formula, not the dispatch.
-  encode = jax.jit(lambda images, keys: task.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(
-      task.vae.apply({"params": frozen["vae"]}, images, method="encode"), keys)))
-  z = [np.asarray(encode(batch[image], d_keys[:, i])) for i, image in enumerate(("image", "image_l"))]
+  # The networks' calls jitted (one program each, not op by op; the weights are arguments, not constants baked into
+  # the programs): the reference is the formula, not the dispatch.
+  encode = jax.jit(lambda vae, images, keys: task.vae.scale_latents(jax.vmap(lambda p, k: p.sample(k))(
+      task.vae.apply({"params": vae}, images, method="encode"), keys)))
+  z = [np.asarray(encode(frozen["vae"], batch[image], d_keys[:, i])) for i, image in enumerate(("image", "image_l"))]
   t = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, 1000))(draws["timestep"]))
   eps = np.stack([np.asarray(losses_lib.offset_noise(k, (1,) + z[0].shape[1:])[0]) for k in draws["noise"]])
   abar = np.asarray(task.schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
   context = jax.jit(task.encode_text)(params, frozen, batch["tokens"])
-  policy = task.unet_fn(params, frozen)
-  networks = {"model": jax.jit(lambda x, t, context: policy(x, t, context, draws["dropout"][0])),
-              "ref": jax.jit(lambda x, t, context: task.unet.apply({"params": frozen["unet"]}, x, t, context))}
+  networks = {
+      "model": jax.jit(lambda p, f, x, t, context, rng: task.unet_fn(p, f)(x, t, context, rng)),
+      "ref": jax.jit(lambda p, f, x, t, context, rng: task.unet.apply({"params": f["unet"]}, x, t, context))}
   errors = {}
   for name, image in (("w", z[0]), ("l", z[1])):
     x_t = np.sqrt(abar) * image + np.sqrt(1 - abar) * eps
     for who, fn in networks.items():
-      out = np.asarray(fn(x_t.astype(np.float32), t, context), np.float64)
+      out = np.asarray(fn(params, frozen, x_t.astype(np.float32), t, context, draws["dropout"][0]), np.float64)
       errors[who, name] = np.mean((eps - out) ** 2, axis=(1, 2, 3))
   inside = -0.5 * config.dpo.beta * ((errors["model", "w"] - errors["model", "l"])
                                      - (errors["ref", "w"] - errors["ref", "l"]))
@@ -155,8 +156,8 @@ def test_training_starts_at_log2_and_lowers_the_loss(base, references, method):
   initial = setup.init_fn(jax.random.PRNGKey(config.seed)).params
   initial = task.initial_params(initial, setup.state_shardings.params) or initial  # as the loop starts a run
   frozen, keys = setup.load_frozen(), jax.random.split(jax.random.PRNGKey(5), 6)
-  loss = jax.jit(lambda p: task.loss(p, frozen, batch, keys))
-  (before, m_before), (after, m_after) = loss(initial), loss(final)
+  loss = jax.jit(task.loss)  # lora: test_the_loss_of_the_tiny_model_is_the_formula_in_numpy's program
+  (before, m_before), (after, m_after) = loss(initial, frozen, batch, keys), loss(final, frozen, batch, keys)
   np.testing.assert_allclose(float(before), np.log(2), atol=1e-4)
   assert abs(float(m_before["reward_margin"])) < 1e-3
   assert float(after) < float(before)

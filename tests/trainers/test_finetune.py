@@ -107,8 +107,8 @@ def test_training_lowers_the_loss_and_exports(base, references, method):
   initial = setup.init_fn(jax.random.PRNGKey(config.seed)).params
   initial = task.initial_params(initial, setup.state_shardings.params) or initial  # as the loop starts a run
   frozen, keys = setup.load_frozen(), jax.random.split(jax.random.PRNGKey(5), 8)
-  loss = jax.jit(lambda p: task.loss(p, frozen, batch, keys)[0])
-  assert float(loss(final)) < float(loss(initial))
+  loss = jax.jit(lambda p, frozen, batch, keys: task.loss(p, frozen, batch, keys)[0])  # the weights as arguments
+  assert float(loss(final, frozen, batch, keys)) < float(loss(initial, frozen, batch, keys))
   assert exported["step"] == STEPS
   if method == "combined":
     assert sorted(exported["files"]) == ["diffusers_lora", "embeddings", "kohya_lora"]
