@@ -61,8 +61,8 @@ def test_the_page_records_clicks_keys_and_favourites(served, browser):
   # The images render (decoded by the browser, not just requested).
   wait.until(lambda d: d.execute_script(
       "return ['img-a', 'img-b'].every(id => document.getElementById(id).naturalWidth === 8)"))
-  progress = browser.find_element(By.ID, "progress").text
-  assert progress.startswith("0 rated by you")
+  # The progress line is filled by its own request after the pair is shown: waited for, not read at once.
+  wait.until(lambda d: d.find_element(By.ID, "progress").text.startswith("0 rated by you"))
   first = (int(browser.find_element(By.ID, "img-a").get_attribute("data-id")),
            int(browser.find_element(By.ID, "img-b").get_attribute("data-id")))
   browser.find_element(By.ID, "fig-a").click()
@@ -85,4 +85,5 @@ def test_the_page_records_clicks_keys_and_favourites(served, browser):
   figure = browser.find_elements(By.CSS_SELECTOR, "#grid figure")[4]
   figure.click()
   wait.until(lambda d: store_lib.FeedbackStore(store.path).favourites("ann") == [int(figure.get_attribute("data-id"))])
-  assert "fav" in figure.get_attribute("class")
+  # The page marks the figure when the server's answer arrives, which can be after the store has the favourite.
+  wait.until(lambda d: "fav" in figure.get_attribute("class"))
