@@ -4,7 +4,8 @@
 
 Shapes are the mid-size SD-shaped U-Net's (32×32×4 latents, channels 64/128/256/256) at batch 8, float32, JAX on
 one device (jit), torch on its default threads; each number is the median of 10 calls after one. The last lines
-time `x + 1` on a 268 MB array with a fresh output (the kernel faults the new mapping in page by page) and with the
+time attention forward and forward + backward (JAX's jax.nn path, sd_jax's, torch SDPA), then
+`x + 1` on a 268 MB array with a fresh output (the kernel faults the new mapping in page by page) and with the
 input donated (no new buffer), with the page faults and kernel time per call: run it with and without
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment (this script, unlike the sd_jax commands, does not restart
 itself with it).
@@ -69,6 +70,35 @@ def ops() -> list[tuple[str, float, float]]:
   return rows
 
 
+def attention() -> list[tuple[str, float, float, float, float, float, float]]:
+  """Attention alone, forward and forward + backward (the gradient of sum(out²) with respect to q, k and v): JAX's
+  `jax.nn.dot_product_attention(implementation="xla")`, sd_jax's "xla" path (sd_jax/models/layers.py), torch SDPA.
+  Rows: (name, jax.nn fwd, sd_jax fwd, torch fwd, jax.nn fwd+bwd, sd_jax fwd+bwd, torch fwd+bwd), ms."""
+  from sd_jax.models import layers
+  rng = np.random.default_rng(0)
+  rows = []
+  for length, context, heads, dim in ((1024, 1024, 8, 8), (1024, 77, 8, 8), (256, 256, 8, 16), (256, 77, 8, 16),
+                                      (64, 64, 8, 32)):
+    q = rng.standard_normal((B, length, heads, dim), np.float32)
+    k, v = (rng.standard_normal((B, context, heads, dim), np.float32) for _ in range(2))
+    times = []
+    for fn in (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+               lambda q, k, v: layers.dot_product_attention(q, k, v, implementation="xla")):
+      grad = jax.grad(lambda q, k, v, fn=fn: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
+      times.append((jax_ms(jax.jit(fn), q, k, v), _median_ms(lambda g=jax.jit(grad): jax.block_until_ready(
+          g(q, k, v)))))
+    qt, kt, vt = (torch.from_numpy(t.transpose(0, 2, 1, 3).copy()) for t in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch_fwd = torch_ms(sdpa, qt, kt, vt)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (qt, kt, vt))
+
+    def torch_grad():
+      (sdpa(qg, kg, vg) ** 2).sum().backward()
+    name = f"{'self' if context == length else 'cross'}-attention {length}×{context} tokens, {heads} heads of {dim}"
+    rows.append((name, times[0][0], times[1][0], torch_fwd, times[0][1], times[1][1], _median_ms(torch_grad)))
+  return rows
+
+
 def fresh_buffer() -> list[str]:
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8, 1024, 1024), np.float32))
   lines = []
@@ -90,6 +120,10 @@ def main() -> None:
   print(f"{'op':44s} {'JAX ms':>8s} {'torch ms':>9s} {'JAX/torch':>9s}")
   for name, a, b in ops():
     print(f"{name:44s} {a:8.2f} {b:9.2f} {a / b:9.2f}")
+  print(f"\nbatch {B}, ms: {'jax.nn fwd':>10s} {'sd_jax fwd':>10s} {'torch fwd':>9s} {'jax.nn f+b':>10s} "
+        f"{'sd_jax f+b':>10s} {'torch f+b':>9s}")
+  for name, *ms in attention():
+    print(f"{name:44s} " + " ".join(f"{t:10.1f}" for t in ms))
   print("\n".join(fresh_buffer()))
   print(f"GLIBC_TUNABLES={__import__('os').environ.get('GLIBC_TUNABLES', '')}; {machine.cpu_description()}")
 

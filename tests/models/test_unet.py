@@ -434,6 +434,31 @@ def test_dot_product_attention_xla():
     layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), implementation="flash")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_xla_attention_is_jax_nn_s_forward_and_gradients(dtype):
+  """sd_jax's "xla" path (heads before sequences, layers._attention_xla) computes what
+  jax.nn.dot_product_attention(implementation="xla") does: self-attention, and cross-attention with a padding mask
+  (a fully masked query row included), outputs and the gradients of q, k and v."""
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((2, 9, 3, 8)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), dtype) for _ in range(2))
+  mask = jnp.asarray(np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], bool)[:, None, None, :])
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+  for args, m in (((q, q, q), None), ((q, k, v), mask)):
+    def ours(q, k, v, m=m):
+      return layers.dot_product_attention(q, k, v, mask=m, scale=0.3)
+
+    def jaxs(q, k, v, m=m):
+      return jax.nn.dot_product_attention(q, k, v, mask=m, scale=0.3, implementation="xla")
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    for fn in (ours, jaxs):
+      fn.out, fn.vjp = jax.vjp(fn, *args)
+    assert ours.out.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.asarray(ours.out, np.float32), np.asarray(jaxs.out, np.float32), **tol)
+    for name, g, ref in zip("qkv", ours.vjp(cotangent), jaxs.vjp(cotangent)):
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32), **tol, err_msg=f"d{name}")
+
+
 def test_group_norm_matches_torch_formula():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 5, 3, 16)).astype(np.float32) * 3 + 1
