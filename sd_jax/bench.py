@@ -13,6 +13,8 @@ Modes:
                  times text-to-image as a user runs it: `generate.TextToImage` from an sd_jax or diffusers model
                  directory, --prompts to float images (tokenizer, text tower, DDIM with guidance, VAE decode), at
                  each of --sample_batch_sizes; the first call (tracing, compiling) is reported as compile time.
+                 As `python -m sd_jax.sample` does, a CPU-only machine gets one JAX device per core
+                 (JAX_NUM_CPU_DEVICES=1 for one) and a batch runs data-parallel where the devices divide it.
   --baseline=eager,compile
                  then times diffusers/PyTorch on the same work (sd_jax/baseline.py), eager and/or torch.compile:
                  in train mode (ldm configs) the same U-Net with the same initial weights and batch; in pipeline
@@ -671,12 +673,21 @@ def bench_sample(config, *, batch_sizes: Sequence[int] = (1, 16), num_steps: int
 # Pipeline mode: prompts to images from a model directory, beside diffusers' StableDiffusionPipeline
 
 
+def pipeline_mesh(pipe, batch: int) -> tuple[int, str]:
+  """(devices, mesh description) a `generate.TextToImage` runs a batch of `batch` on: data-parallel over all its
+  devices where their count divides the batch, else one device."""
+  mesh = pipe._mesh(batch)  # pylint: disable=protected-access
+  return (1, "1 device") if mesh is None else (mesh.size, _mesh_text(mesh))
+
+
 def bench_pipeline(model_dir, *, prompts: Sequence[str], batch_sizes: Sequence[int] = (1,), num_steps: int = 50,
                    guidance: float = 7.5, steps: int = 3, warmup: int = 1, baselines: Sequence[str] = (),
-                   peak_tflops: float | None = None) -> list[Measurement]:
+                   peak_tflops: float | None = None, devices: Sequence[Any] | None = None) -> list[Measurement]:
   """Times text-to-image end to end, as a user calls it: `generate.TextToImage.generate` from `model_dir` (an sd_jax
   or diffusers model directory), tokenizing, the text tower, `num_steps` DDIM steps with classifier-free guidance and
-  the VAE decode, to float images on the host, on one device. The first call (tracing and compiling) is compile_s.
+  the VAE decode, to float images on the host. Like `python -m sd_jax.sample`, a batch runs data-parallel over
+  `devices` (default: every local device) where their count divides it, else on the first (`pipeline_mesh`). The
+  first call (tracing and compiling) is compile_s.
   For each of `baselines` (eager, compile): diffusers' StableDiffusionPipeline (DDIM, η 0) on the same weights in
   diffusers' layout (exported to a temporary directory when `model_dir` is sd_jax's), the same prompts, steps,
   guidance and size, in extra["baselines"] with ratio = its median / sd_jax's (above 1: sd_jax is faster)."""
@@ -689,7 +700,8 @@ def bench_pipeline(model_dir, *, prompts: Sequence[str], batch_sizes: Sequence[i
   source = Path(model_dir)
   resolved = model_dir_lib.resolve_model(str(source), what="--model_dir")
   pipe = generate.TextToImage.from_model_dir(resolved)
-  pipe.devices = pipe.devices[:1]
+  if devices is not None:
+    pipe.devices = list(devices)
   device, device_name, table_peak = _device_summary()
   peak = peak_tflops or table_peak
   exported = None
@@ -728,11 +740,12 @@ def bench_pipeline(model_dir, *, prompts: Sequence[str], batch_sizes: Sequence[i
                                       "times_s": timing.times_s, "threads": timing.threads,
                                       "images_shape": timing.extra["images_shape"],
                                       "ratio": timing.median_s / median}
+      num_devices, mesh = pipeline_mesh(pipe, batch)
       results.append(Measurement(
           mode=f"pipeline ({num_steps} DDIM steps, CFG {guidance:g}, text + VAE decode)",
-          device=device_name if table_peak else device, num_devices=1, mesh="1 device", batch=batch,
+          device=device_name if table_peak else device, num_devices=num_devices, mesh=mesh, batch=batch,
           compile_s=first_s, median_s=median, images_per_s=batch / median, analytic_flops=analytic, xla_flops=None,
-          mfu=_mfu(analytic, median, 1, peak), peak_memory_bytes=_peak_memory(), estimated_memory_bytes=None,
+          mfu=_mfu(analytic, median, num_devices, peak), peak_memory_bytes=_peak_memory(), estimated_memory_bytes=None,
           extra=extra))
   finally:
     if exported is not None and exported != source:
@@ -1215,6 +1228,8 @@ def main(argv):
     if config_args:
       raise ValueError("--mode=pipeline reads everything from --model_dir: drop --config.")
     config_args = [f"--model_dir={FLAGS.model_dir}"]
+    from sd_jax import machine  # pylint: disable=import-outside-toplevel
+    machine.use_every_core()  # as `python -m sd_jax.sample`: one JAX device per core on a CPU-only machine
     measurements = bench_pipeline(FLAGS.model_dir, prompts=FLAGS.prompts,
                                   batch_sizes=[int(b) for b in FLAGS.sample_batch_sizes],
                                   num_steps=FLAGS.sample_steps or 50, guidance=FLAGS.guidance, steps=FLAGS.steps,

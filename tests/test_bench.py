@@ -236,6 +236,13 @@ def test_pipeline_mode_times_both_pipelines_on_one_model_and_its_ratio_is_the_tw
   assert m.extra["images_shape"] == [3, 16, 16, 3] and len(m.extra["times_s"]) == 2
   assert m.median_s == pytest.approx(float(np.median(m.extra["times_s"]))) and m.compile_s > 0
   assert m.analytic_flops > 0
+  # As `python -m sd_jax.sample`: data-parallel over the devices where their count divides the batch, else one.
+  assert (m.num_devices, m.mesh) == (1, "1 device")
+  from sd_jax import generate
+  pipe = generate.TextToImage.from_model_dir(model)
+  assert bench.pipeline_mesh(pipe, 16) == (8, "data8") and bench.pipeline_mesh(pipe, 3) == (1, "1 device")
+  pipe.devices = pipe.devices[:2]
+  assert bench.pipeline_mesh(pipe, 4) == (2, "data2") and bench.pipeline_mesh(pipe, 1) == (1, "1 device")
   b = m.extra["baselines"]["eager"]
   assert b["images_shape"] == m.extra["images_shape"] and len(b["times_s"]) == 2
   assert b["ratio"] == pytest.approx(b["median_s"] / m.median_s)
