@@ -149,7 +149,8 @@ def _attention_xla(query: Array, key: Array, value: Array, *, mask: Array | None
   probabilities in the values' dtype, masked logits at 0.7 × the float32 minimum), with the heads moved in front of
   the sequences before the two matmuls: [B, L, H, D] -> [B, H, L, D]. JAX's own version reshapes the heads into
   groups and vmaps over them, which XLA's CPU code runs slower: on 2 CPU cores, self-attention over 1,024 tokens
-  (batch 8, 8 heads of 8) 107 -> 71 ms forward and 479 -> 286 ms forward + backward (BENCHMARKS.md, "Attention")."""
+  (batch 8, 8 heads of 8) forward + backward 596 -> 418 ms, and the train step of a 33.8 M SD-shaped U-Net at 32×32
+  latents 2.08 -> 1.27 s (BENCHMARKS.md, "Attention: the heads in front of the sequences")."""
   scale = query.shape[-1] ** -0.5 if scale is None else scale
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
   logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
