@@ -5,7 +5,8 @@ Modes:
   --mode=train   compiles and times the shared loop's own train step (sd_jax/train.py `train_step`, built by
                  `train.setup` and jitted with the loop's shardings and donation) on synthetic batches of the right
                  shapes. For ldm configs the batch is precomputed latents + text contexts (`LatentUNetTask`), so
-                 only the U-Net runs, as in a training run that serves precomputed latents.
+                 only the U-Net runs, as in a training run that serves precomputed latents. --profile_dir=DIR
+                 then profiles --steps more steps (jax.profiler) and prints where a step's time went, per op.
   --mode=sample  times the jitted sampling loop (sd_jax/diffusion/samplers.py with the config's sampler settings,
                  `config_from_training`; classifier-free guidance when the U-Net has cross-attention) plus the VAE
                  decode, at each of --sample_batch_sizes.
@@ -510,11 +511,36 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
   return times
 
 
+def profile_ops(trace_dir, calls: int, top: int = 30) -> list[dict[str, Any]]:
+  """Where the time of `calls` profiled calls went, from the Perfetto trace `jax.profiler.trace(trace_dir,
+  create_perfetto_trace=True)` wrote: per event name (XLA's ops and fusions, collectives, the runtime's own spans;
+  Python frames left out), milliseconds per call summed over devices and threads, and occurrences per call, the
+  `top` largest first."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  traces = sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
+  if not traces:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: the profiler wrote no trace.")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  total: collections.Counter = collections.Counter()
+  count: collections.Counter = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith("$"):  # "$file.py:N fn": the Python tracer's frames
+      total[e["name"]] += e.get("dur", 0.0)
+      count[e["name"]] += 1
+  return [{"name": name, "ms_per_call": us / 1e3 / calls, "per_call": count[name] / calls}
+          for name, us in total.most_common(top)]
+
+
 def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "auto", devices=None,
-                peak_tflops: float | None = None, baselines: Sequence[str] = ()) -> Measurement:
+                peak_tflops: float | None = None, baselines: Sequence[str] = (),
+                profile_dir: str | None = None) -> Measurement:
   """Compiles and times the shared train step on a synthetic batch; then, for each of `baselines` (eager,
   compile), the same U-Net with the same initial weights and batch in diffusers/PyTorch (sd_jax/baseline.py), in
-  extra["baselines"] with its ratio to sd_jax's median."""
+  extra["baselines"] with its ratio to sd_jax's median. With `profile_dir`, `steps` more steps run under
+  `jax.profiler.trace` (TensorBoard and Perfetto files there) after the timed ones, and extra["profile"] holds
+  `profile_ops` of them."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps={steps} / --warmup={warmup}: time at least 1 step after >= 0 warm-up steps.")
   exp = make_setup(config, task_kind, devices)
@@ -541,6 +567,13 @@ def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "a
     return holder["state"], metrics
 
   times = _timed(one_step, steps, warmup)
+  profile = None
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        one_step()
+      jax.block_until_ready(holder["state"])
+    profile = profile_ops(profile_dir, steps)
   loss = float(metrics_seen[-1])
   if not math.isfinite(loss):
     raise FloatingPointError(f"the benchmarked step produced loss={loss}; the timing would be meaningless.")
@@ -554,6 +587,8 @@ def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "a
   memory = memory_estimate(compiled)
   extra = {"loss": loss, "times_s": times, "analytic_breakdown": analytic.as_dict() if analytic else None,
            "memory_analysis": memory}
+  if profile is not None:
+    extra["profile"] = profile
   if baselines:
     del holder, compiled, step_fn  # free sd_jax's buffers before PyTorch allocates its own
     extra["baselines"] = _train_baselines(exp, *initial, baselines, median, steps=steps, warmup=warmup)
@@ -1150,6 +1185,9 @@ def _define_flags():
   flags.DEFINE_list("prompts", ["a red square", "a blue circle"], "Pipeline mode: the prompts, cycled to each "
                     "batch size.")
   flags.DEFINE_float("guidance", 7.5, "Pipeline mode: classifier-free guidance scale.")
+  flags.DEFINE_string("profile_dir", "", "Train mode: after the timed steps, profile --steps more with "
+                      "jax.profiler (TensorBoard and Perfetto traces in this directory) and print where a step's time "
+                      "went, per XLA op, collective and runtime span.")
   flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU, overriding the PEAKS table.")
   flags.DEFINE_string("benchmarks", str(REPO / "BENCHMARKS.md"), "File the rows are appended to; '' = none.")
   flags.DEFINE_list("sample_batch_sizes", ["1", "16"], "Sample and pipeline modes: batch sizes.")
@@ -1238,7 +1276,13 @@ def main(argv):
     raise ValueError("--config=configs/X.py is required for --mode=train and --mode=sample.")
   elif FLAGS.mode == "train":
     measurements = [bench_train(config, steps=FLAGS.steps, warmup=FLAGS.warmup, task_kind=FLAGS.task,
-                                peak_tflops=FLAGS.peak_tflops, baselines=baselines)]
+                                peak_tflops=FLAGS.peak_tflops, baselines=baselines,
+                                profile_dir=FLAGS.profile_dir or None)]
+    if FLAGS.profile_dir:
+      print(f"where a step's time went ({FLAGS.steps} profiled steps; ms per step summed over devices and threads, "
+            f"occurrences per step; trace in {FLAGS.profile_dir}):")
+      for op in measurements[0].extra["profile"]:
+        print(f"  {op['ms_per_call']:10.2f} ms  {op['per_call']:8.1f}×  {op['name'][:100]}")
   else:
     if baselines:
       raise ValueError("--baseline is for --mode=train and --mode=pipeline (the text-to-image comparison).")
@@ -1249,8 +1293,8 @@ def main(argv):
   print(MEASURED_HEADER)
   print("\n".join(rows))
   for m in measurements:
-    print(json.dumps({"mode": m.mode, "batch": m.batch, **{k: v for k, v in m.extra.items() if k != "times_s"}},
-                     default=float))
+    shown = {k: v for k, v in m.extra.items() if k not in ("times_s", "profile")}
+    print(json.dumps({"mode": m.mode, "batch": m.batch, **shown}, default=float))
   compared = [r for m in measurements
               if (r := baseline_row(m, config_name=_config_name(config_args), command=command)) is not None]
   if compared:

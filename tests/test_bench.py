@@ -168,8 +168,16 @@ def test_peak_table_and_row_appending(tmp_path):
 
 def test_train_mode_end_to_end(tmp_path):
   config = tiny_config()
-  m = bench.bench_train(config, steps=2, warmup=1, devices=jax.devices()[:1])
+  m = bench.bench_train(config, steps=2, warmup=1, devices=jax.devices()[:1], profile_dir=str(tmp_path / "profile"))
   assert m.batch == 8 and m.median_s > 0 and m.images_per_s == pytest.approx(8 / m.median_s)
+  # --profile_dir: 2 more steps under the profiler; where their time went, per op, largest first.
+  profile = m.extra["profile"]
+  assert list((tmp_path / "profile").glob("**/perfetto_trace.json.gz")) and len(profile) > 5
+  assert [op["ms_per_call"] for op in profile] == sorted((op["ms_per_call"] for op in profile), reverse=True)
+  assert any("fusion" in op["name"] or "convolution" in op["name"] for op in profile)  # XLA's own ops
+  assert not any(op["name"].startswith("$") for op in profile)  # no Python frames
+  with pytest.raises(FileNotFoundError, match="no perfetto_trace"):
+    bench.profile_ops(tmp_path / "out", 1)  # no trace there
   assert np.isfinite(m.extra["loss"])
   # The analytic count is 3 × the forward of the batch's U-Net; XLA counts the same step within its conventions.
   model = unet_lib.create_unet(config.model.to_dict())
