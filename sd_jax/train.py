@@ -334,16 +334,13 @@ def setup(config: ml_collections.ConfigDict, devices=None, task=None) -> Setup:
 
   # eval_shape with the params still logically boxed, so optimizer and EMA state inherit the axis names
   # -> logical-to-mesh shardings -> jit(init, out_shardings).
-  def init_state(rng, unbox: bool = True) -> TrainState:
+  def boxed_init(rng) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     with _per_device_kernels(parallel.batch_sharding(mesh, rules)):  # init runs the model once
       params = task.init_params(init_rng)
-    if unbox:
-      params = nn.meta.unbox(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params if config.ema_decay > 0 else None, rng=state_rng)
 
-  boxed_init = functools.partial(init_state, unbox=False)
   boxed_state = jax.eval_shape(boxed_init, jax.random.PRNGKey(config.seed))
   state_shardings = parallel.logical_to_sharding(boxed_state, mesh, rules)
   abstract_state = nn.meta.unbox(boxed_state)
