@@ -866,12 +866,23 @@ def run_suite(points: Sequence[SuitePoint] = GPU_SUITE, *, budget_s: float = 480
               peak_tflops: float | None = None, log=print) -> list[dict[str, Any]]:
   """Measures each point in order on this process's first device until `budget_s` has passed (the points left are
   reported as skipped); a point that fails (e.g. out of memory at a batch size) is reported and the suite goes on.
-  Appends the rows to `benchmarks` (the measured and the diffusers tables) and writes every result to `json_path`.
-  Returns one dict per point: name, command, status ("measured" | "failed" | "skipped"), and the measurements."""
+  Appends the rows to `benchmarks` (the measured and the diffusers tables) at the end, and writes every result to
+  `json_path` after each point, so that a run stopped from outside (a lease's time limit) keeps the points it
+  finished. Returns one dict per point: name, command, status ("measured" | "failed" | "skipped"), and the
+  measurements."""
   start = time.perf_counter()
   results = []
   rows, compared = [], []
+
+  def write_json():
+    if json_path:
+      Path(json_path).write_text(json.dumps({
+          "command": command, "device": _device_summary()[0], "jax": jax.__version__,
+          "date": datetime.date.today().isoformat(), "budget_s": budget_s, "wall_s": time.perf_counter() - start,
+          "points": results}, indent=1, default=float) + "\n")
+
   for point in points:
+    write_json()
     cmd = point_command(point, steps, warmup)
     entry = {"name": point.name, "command": cmd, "status": "skipped", "measurements": []}
     results.append(entry)
@@ -904,11 +915,7 @@ def run_suite(points: Sequence[SuitePoint] = GPU_SUITE, *, budget_s: float = 480
       if (row := baseline_row(m, config_name=config_name, command=cmd)) is not None:
         compared.append(row)
         log(row)
-  if json_path:
-    Path(json_path).write_text(json.dumps({"command": command, "device": _device_summary()[0], "jax": jax.__version__,
-                                           "date": datetime.date.today().isoformat(), "budget_s": budget_s,
-                                           "wall_s": time.perf_counter() - start, "points": results},
-                                          indent=1, default=float) + "\n")
+  write_json()
   if benchmarks:
     not_measured = [f"{r['name']}: {r['status']} ({r['error']})" for r in results if r["status"] != "measured"]
     preamble = (f"`{command}`, {datetime.date.today().isoformat()}, {time.perf_counter() - start:.0f} s"

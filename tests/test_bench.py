@@ -365,5 +365,8 @@ def test_the_gpu_suite_at_tiny_sizes_measures_each_point_writes_rows_and_json_an
   assert tables[1].count("| train |") == 1 and "--baseline=eager" in tables[1]
   assert json.loads(json_out.read_text())["points"] == json.loads(json.dumps(results, default=float))
 
-  spent = bench.run_suite(points[:2], tiny=True, budget_s=0.0, log=lambda *_: None)
+  seen = []  # the JSON as each point begins: the points before it are already there (a killed run keeps them)
+  spent = bench.run_suite(points[:2], tiny=True, budget_s=0.0, json_path=json_out,
+                          log=lambda *_: seen.append(json.loads(json_out.read_text())["points"]))
   assert [r["status"] for r in spent] == ["skipped"] * 2 and "budget (0 s) was spent" in spent[1]["error"]
+  assert [[p["status"] for p in points_so_far] for points_so_far in seen] == [[], ["skipped"]]
