@@ -82,6 +82,7 @@ from sd_jax import train as train_lib
 from sd_jax.diffusion import losses
 from sd_jax.diffusion import samplers
 from sd_jax.diffusion import schedules
+from sd_jax.models import layers
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.trainers import base
@@ -975,7 +976,8 @@ def aot_compile(config, task_kind: str = "auto", compile: bool = True, devices=N
   compiled, compile_s = None, None
   if compile:
     t0 = time.perf_counter()
-    lowered = jit_train_step(exp).lower(exp.abstract_state, abstract_batch, _abstract_frozen(exp))
+    with layers.cpu_attention_block_bytes(0):  # plan for an accelerator's attention, not the CPU's blocks
+      lowered = jit_train_step(exp).lower(exp.abstract_state, abstract_batch, _abstract_frozen(exp))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
   state = exp.abstract_state

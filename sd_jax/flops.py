@@ -300,7 +300,9 @@ def ddim_sample_flops(model_or_config: Any, batch: int, num_steps: int, height: 
 
 def jaxpr_matmul_flops(closed_jaxpr) -> FlopCount:
   """FLOPs of every dot_general and conv_general_dilated in a (closed) jaxpr, recursing into sub-jaxprs
-  (pjit, remat, custom_vjp, ...). A check on the analytic walk that knows nothing about the model's structure."""
+  (pjit, remat, custom_vjp, ...): a scan's body counts once per iteration, and a cond (one branch runs, e.g. the
+  per-platform attention of layers.dot_product_attention) as its costliest branch. A check on the analytic walk
+  that knows nothing about the model's structure."""
   import numpy as np
   from jax.extend import core as jax_core
 
@@ -325,6 +327,12 @@ def jaxpr_matmul_flops(closed_jaxpr) -> FlopCount:
         rhs_spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial...)
         kernel_elems = int(np.prod([rhs[d] for d in rhs_spec[2:]])) * rhs[rhs_spec[1]]
         total += FlopCount(conv=2.0 * float(np.prod(out)) * kernel_elems)
+      elif eqn.primitive.name == "cond":
+        total += max((count(branch.jaxpr) for branch in eqn.params["branches"]), key=lambda c: c.total)
+        continue
+      elif eqn.primitive.name == "scan":
+        total += count(eqn.params["jaxpr"].jaxpr) * eqn.params["length"]
+        continue
       for sub in _sub_jaxprs(eqn.params.values()):
         total += count(sub)
     return total

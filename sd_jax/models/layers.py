@@ -28,6 +28,7 @@ from typing import Any
 import contextlib
 import contextvars
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -59,6 +60,44 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", None)
 # Queries below which "splash" runs the "xla" path (maxdiffusion's WAN configs set flash_min_seq_length to 4096 too).
 SPLASH_MIN_SEQ_LEN = 4096
+# On a CPU, the "xla" path attends in blocks of query rows whose float32 logits take at most this many bytes
+# (`_attention_query_chunks`) wherever the whole [B, H, T, S] logits would take more: blocks that stay in the
+# caches run the forward and backward passes 2-5× faster at 1,024-4,096 tokens on 2 CPU cores (BENCHMARKS.md,
+# "Attention in blocks of queries on a CPU"). Other platforms run the plain path (cuDNN and splash are their long-
+# sequence kernels). `cpu_attention_block_bytes` changes it while tracing (0: off, as the AOT planner does).
+CPU_ATTENTION_BLOCK_BYTES = 8 << 20
+_CPU_BLOCK_BYTES = contextvars.ContextVar("sd_jax_cpu_attention_block_bytes", default=CPU_ATTENTION_BLOCK_BYTES)
+# The fewest query rows in a block: below this the loop's overhead outweighs what the caches save.
+_MIN_QUERY_CHUNK = 16
+# The widest heads attended in blocks.
+_MAX_BLOCKED_HEAD_DIM = 128
+
+
+@contextlib.contextmanager
+def cpu_attention_block_bytes(max_bytes: int):
+  """While tracing under this context, the "xla" attention path's CPU blocks hold at most `max_bytes` of logits
+  (0: no blocks, the whole logits at once, as on other platforms)."""
+  token = _CPU_BLOCK_BYTES.set(int(max_bytes))
+  try:
+    yield
+  finally:
+    _CPU_BLOCK_BYTES.reset(token)
+
+
+def cpu_query_chunk(batch: int, heads: int, queries: int, keys: int, head_dim: int,
+                    max_bytes: int | None = None) -> int:
+  """The query rows per block for the CPU's "xla" attention: 0 (no blocks) when the whole float32 logits fit in
+  `max_bytes` (default: the current `cpu_attention_block_bytes`, 8 MiB), the heads are wider than 128 (the VAE's
+  one head of 512: its matmuls are large already, and blocks measured no faster) or the rows do not halve into
+  blocks; otherwise the largest block of `queries` / 2^k rows within `max_bytes`, and no fewer than 16 rows."""
+  max_bytes = _CPU_BLOCK_BYTES.get() if max_bytes is None else max_bytes
+  row_bytes = batch * heads * keys * 4
+  if max_bytes <= 0 or queries * row_bytes <= max_bytes or head_dim > _MAX_BLOCKED_HEAD_DIM:
+    return 0
+  chunk = queries
+  while chunk % 2 == 0 and chunk // 2 >= _MIN_QUERY_CHUNK and chunk * row_bytes > max_bytes:
+    chunk //= 2
+  return chunk if chunk < queries else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,13 +177,21 @@ def dot_product_attention(
       return splash_attention(query, key, value, mask=mask, scale=scale).astype(out_dtype)
     implementation = "xla"
   if implementation == "xla":
-    return _attention_xla(query, key, value, mask=mask, scale=scale).astype(out_dtype)
+    (batch, queries, heads, head_dim), keys = query.shape, key.shape[1]
+    chunk = 0 if mask is not None else cpu_query_chunk(batch, heads, queries, keys, head_dim)
+    if chunk:  # blocks of queries where this lowers for a CPU, the whole logits elsewhere
+      out = jax.lax.platform_dependent(
+          query, key, value, cpu=functools.partial(_attention_xla, scale=scale, query_chunk=chunk),
+          default=functools.partial(_attention_xla, scale=scale))
+    else:
+      out = _attention_xla(query, key, value, mask=mask, scale=scale)
+    return out.astype(out_dtype)
   out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
   return out.astype(out_dtype)
 
 
 def _attention_xla(query: Array, key: Array, value: Array, *, mask: Array | None = None,
-                   scale: float | None = None) -> Array:
+                   scale: float | None = None, query_chunk: int = 0) -> Array:
   """`jax.nn.dot_product_attention(..., implementation="xla")`'s computation (logits and softmax in float32, the
   probabilities in the values' dtype, masked logits at 0.7 × the float32 minimum), with the heads moved in front of
   the sequences before the two matmuls: [B, L, H, D] -> [B, H, L, D]. JAX's own version reshapes the heads into
@@ -153,12 +200,97 @@ def _attention_xla(query: Array, key: Array, value: Array, *, mask: Array | None
   latents 2.08 -> 1.27 s (BENCHMARKS.md, "Attention: the heads in front of the sequences")."""
   scale = query.shape[-1] ** -0.5 if scale is None else scale
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
+  if mask is None and query_chunk and q.shape[2] > query_chunk and q.shape[2] % query_chunk == 0:
+    return jnp.swapaxes(_attention_query_chunks(q, k, v, float(scale), int(query_chunk)), 1, 2)
   logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
   logits = logits * jnp.float32(scale)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.float32(0.7 * float(jnp.finfo(jnp.float32).min)))
   probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
   return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", probs, v), 1, 2)
+
+
+def _chunk_rows(t: Array, chunk: int) -> Array:
+  """[B, H, T, ...] -> [T / chunk, B, H, chunk, ...]: the query rows in blocks, blocks first (for scan / map)."""
+  b, h, n = t.shape[:3]
+  return jnp.moveaxis(t.reshape(b, h, n // chunk, chunk, *t.shape[3:]), 2, 0)
+
+
+def _unchunk_rows(t: Array) -> Array:
+  """The inverse of `_chunk_rows`."""
+  t = jnp.moveaxis(t, 0, 2)
+  return t.reshape(*t.shape[:2], t.shape[2] * t.shape[3], *t.shape[4:])
+
+
+def _query_chunks_forward(q: Array, k: Array, v: Array, scale: float, chunk: int) -> tuple[Array, Array]:
+  """Attention over [B, H, T, D] queries, `chunk` query rows at a time: each block's logits ([B, H, chunk, S],
+  float32) are made, soft-maxed and used at once, so no [T, S] array exists. Returns the output and each row's
+  log-sum-exp of the logits (float32), which is all the backward pass needs to rebuild a block's probabilities.
+  The matmuls run in float32 (see the backward pass), the probabilities rounded to the values' dtype."""
+  out_dtype = v.dtype
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+
+  def block(q_block):
+    logits = jnp.einsum("bhtd,bhsd->bhts", q_block, k) * jnp.float32(scale)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(logits - peak)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    probs = (unnormalised / total).astype(out_dtype).astype(jnp.float32)
+    return jnp.einsum("bhts,bhsd->bhtd", probs, v).astype(out_dtype), (peak + jnp.log(total))[..., 0]
+  out, lse = jax.lax.map(block, _chunk_rows(q, chunk))
+  return _unchunk_rows(out), _unchunk_rows(lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention_query_chunks(q: Array, k: Array, v: Array, scale: float, chunk: int) -> Array:
+  """`_attention_xla` without a mask, `chunk` query rows at a time in the forward and the backward pass ([B, H, L, D]
+  in and out). The same arithmetic (float32 logits and softmax, the probabilities in the values' dtype) in
+  blocks that stay in the CPU's caches; the backward pass rebuilds each block's probabilities from the saved
+  log-sum-exp instead of keeping the [T, S] probabilities (Rabe & Staats 2021, "Self-attention does not need
+  O(n²) memory"; FlashAttention's backward)."""
+  return _query_chunks_forward(q, k, v, scale, chunk)[0]
+
+
+def _attention_query_chunks_fwd(q, k, v, scale, chunk):
+  out, lse = _query_chunks_forward(q, k, v, scale, chunk)
+  return out, (q, k, v, lse)
+
+
+def _attention_query_chunks_bwd(scale, chunk, residuals, d_out):
+  q, k, v, lse = residuals
+  dtypes = q.dtype, k.dtype, v.dtype
+  # In float32 (XLA's CPU runtime has no bfloat16 x bfloat16 -> float32 kernel for some matmuls inside the loop),
+  # with the probabilities and the gradient of the logits rounded to the inputs' dtype as the plain path does.
+  q, k, v, d_out = (t.astype(jnp.float32) for t in (q, k, v, d_out))
+  # Each block works on the transposed logits, [B, H, S, chunk]: then every matmul below contracts the last axis of
+  # its first operand with the second axis from the end of its second (k's transpose is made once, outside the
+  # loop), the forms XLA's CPU code runs fast; contracting the rows of both operands (P^T dO as einsum
+  # "bhts,bhtd->bhsd") ran at a tenth of the speed inside the loop.
+  k_t = jnp.swapaxes(k, 2, 3)
+
+  def rounded(t, dtype):
+    return t.astype(dtype).astype(jnp.float32)
+
+  def block(carry, xs):
+    dk, dv = carry
+    q_block, d_out_block, lse_block = xs
+    logits_t = jnp.einsum("bhsd,bhtd->bhst", k, q_block) * jnp.float32(scale)
+    probs_t = jnp.exp(logits_t - lse_block[:, :, None, :])
+    dv = dv + jnp.einsum("bhst,bhtd->bhsd", rounded(probs_t, dtypes[2]), d_out_block)
+    d_probs_t = rounded(jnp.einsum("bhsd,bhtd->bhst", v, d_out_block), dtypes[2])
+    d_logits_t = probs_t * (d_probs_t - jnp.sum(probs_t * d_probs_t, axis=2, keepdims=True))  # the softmax's VJP
+    d_logits_t = rounded(d_logits_t * jnp.float32(scale), dtypes[0])
+    dk = dk + jnp.einsum("bhst,bhtd->bhsd", d_logits_t, q_block)
+    dq_t = jnp.einsum("bhds,bhst->bhdt", k_t, d_logits_t)
+    return (dk, dv), jnp.swapaxes(dq_t, 2, 3).astype(dtypes[0])
+
+  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  blocks = tuple(_chunk_rows(t, chunk) for t in (q, d_out, lse))
+  (dk, dv), dq = jax.lax.scan(block, zeros, blocks)
+  return _unchunk_rows(dq), dk.astype(dtypes[1]), dv.astype(dtypes[2])
+
+
+_attention_query_chunks.defvjp(_attention_query_chunks_fwd, _attention_query_chunks_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

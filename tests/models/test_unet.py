@@ -459,6 +459,88 @@ def test_the_xla_attention_is_jax_nn_s_forward_and_gradients(dtype):
       np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32), **tol, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_query_chunked_xla_attention_is_jax_nn_s_forward_and_gradients(dtype):
+  """`query_chunk` rows at a time (layers._attention_query_chunks: the blocks' probabilities rebuilt in the backward
+  pass from the saved log-sum-exp) computes what jax.nn.dot_product_attention(implementation="xla") does, for
+  self-attention and for T != S, outputs and the gradients of q, k and v; and it is taken only where it applies (no
+  mask, the query rows a whole number of blocks)."""
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((2, 32, 3, 8)) * 2, dtype)
+  k, v = (jnp.asarray(rng.standard_normal((2, 24, 3, 8)) * 2, dtype) for _ in range(2))
+  # of the largest |value|: float32 rounding (the logits reach ±30 here), two bfloat16 steps
+  tol = 2e-5 if dtype == "float32" else 1.5e-2
+
+  def close(got, ref, **kwargs):
+    ref = np.asarray(ref, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0, atol=tol * np.abs(ref).max(), **kwargs)
+
+  def ours(q, k, v):
+    return layers._attention_xla(q, k, v, scale=0.3, query_chunk=8)
+
+  def jaxs(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+  for args in ((q, q, q), (q, k, v)):
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    for fn in (ours, jaxs):
+      fn.out, fn.vjp = jax.vjp(fn, *args)
+    assert ours.out.dtype == jnp.dtype(dtype)
+    close(ours.out, jaxs.out)
+    for name, g, ref in zip("qkv", ours.vjp(cotangent), jaxs.vjp(cotangent)):
+      close(g, ref, err_msg=f"d{name}")
+
+  def blocked(fn, *args):
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+  mask = jnp.ones((2, 1, 1, 24), bool)
+  assert blocked(ours, q, k, v)
+  assert not blocked(lambda q, k, v: layers._attention_xla(q, k, v, mask=mask, query_chunk=8), q, k, v)
+  assert not blocked(lambda q, k, v: layers._attention_xla(q[:, :30], k, v, query_chunk=8), q, k, v)
+  assert not blocked(lambda q, k, v: layers._attention_xla(q, k, v, query_chunk=32), q, k, v)
+
+
+def test_cpu_query_chunk_picks_blocks_within_the_byte_budget():
+  mib = 1 << 20
+  assert layers.cpu_query_chunk(8, 8, 1024, 1024, 8, 8 * mib) == 32  # 256 KiB of logits per row
+  assert layers.cpu_query_chunk(2, 8, 4096, 77, 40, 8 * mib) == 1024  # cross-attention to 77 tokens: 19 MiB whole
+  assert layers.cpu_query_chunk(2, 8, 4096, 4096, 40, 8 * mib) == 32
+  assert layers.cpu_query_chunk(1, 1, 64, 64, 8, 8 * mib) == 0  # the whole logits fit
+  assert layers.cpu_query_chunk(1, 1, 4096, 4096, 512, 8 * mib) == 0  # the VAE's one wide head: whole
+  assert layers.cpu_query_chunk(32, 8, 4096, 4096, 40, 8 * mib) == 16  # never fewer than 16 rows
+  assert layers.cpu_query_chunk(8, 8, 1000, 1000, 8, 8 * mib) == 125
+  assert layers.cpu_query_chunk(8, 8, 1001, 1001, 8) == 0  # rows that do not halve
+  assert layers.cpu_query_chunk(8, 8, 1024, 1024, 8) == 32  # the default budget, 8 MiB
+  with layers.cpu_attention_block_bytes(0):
+    assert layers.cpu_query_chunk(8, 8, 1024, 1024, 8) == 0
+
+
+@pytest.mark.parametrize("attn_kind", ["self", "cross"])
+def test_attention_in_blocks_of_queries_gives_a_block_s_outputs_and_gradients(attn_kind):
+  """A down block (ResNet + transformer) with the CPU's attention in blocks of 16 query rows computes what it computes
+  with the whole logits: outputs and parameter gradients; the blocked program is the one with the loops."""
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+  temb = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((2, 48, 8)), jnp.float32) if attn_kind == "cross" else None
+  block = DownBlock(out_channels=16, num_layers=1, attn_kind=attn_kind, num_attention_heads=2, attention_head_dim=8,
+                    cross_attention_dim=8, norm_num_groups=4, add_downsample=False)
+  params = numpy_params_for(block, h, temb, context)
+
+  def loss(p):
+    out, _ = block.apply({"params": p}, h, temb, context)
+    return jnp.mean(out**2), out
+
+  results, programs = [], []
+  for max_bytes in (0, 4096):  # 64 queries over 64 (self) or 48 (cross) keys: 16 rows are 16 or 12 KiB
+    with layers.cpu_attention_block_bytes(max_bytes):
+      assert layers.cpu_query_chunk(2, 2, 64, 64, 8) == (16 if max_bytes else 0)
+      fn = jax.jit(jax.grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
+      programs.append(fn.lower(params).as_text())
+      results.append(fn(params))
+  assert "while" not in programs[0] and "while" in programs[1]
+  for got, ref in zip(jax.tree_util.tree_leaves(results[1]), jax.tree_util.tree_leaves(results[0])):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
 def test_group_norm_matches_torch_formula():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 5, 3, 16)).astype(np.float32) * 3 + 1
