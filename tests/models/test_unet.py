@@ -190,15 +190,23 @@ def test_remat_forward_matches_plain(tiny, policy):
   np.testing.assert_allclose(np.asarray(run(model, params, inputs)), ref, rtol=1e-5, atol=1e-5)
 
 
+def down_block_case(attn_kind, batch, size, context_length):
+  """A one-layer down block (ResNet + transformer, 2 heads of 8) and random inputs for it: its keyword arguments,
+  the hidden states [batch, size, size, 16], the time embedding, and the context (None for self-attention only)."""
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.standard_normal((batch, size, size, 16)), jnp.float32)
+  temb = jnp.asarray(rng.standard_normal((batch, 32)), jnp.float32)
+  context = (jnp.asarray(rng.standard_normal((batch, context_length, 8)), jnp.float32) if attn_kind == "cross"
+             else None)
+  block_kw = dict(out_channels=16, num_layers=1, attn_kind=attn_kind, num_attention_heads=2, attention_head_dim=8,
+                  cross_attention_dim=8, norm_num_groups=4, add_downsample=False)
+  return block_kw, h, temb, context
+
+
 @pytest.mark.parametrize("attn_kind,policy", [("cross", "dots_saveable"), ("self", "full")])
 def test_remat_gradients_match_plain(attn_kind, policy):
   """Remat only changes the backward pass: compare gradients on one down block (resnet + attention remat)."""
-  rng = np.random.default_rng(0)
-  h = jnp.asarray(rng.standard_normal((1, 4, 4, 16)), jnp.float32)
-  temb = jnp.asarray(rng.standard_normal((1, 32)), jnp.float32)
-  context = jnp.asarray(rng.standard_normal((1, 3, 8)), jnp.float32) if attn_kind == "cross" else None
-  block_kw = dict(out_channels=16, num_layers=1, attn_kind=attn_kind, num_attention_heads=2, attention_head_dim=8,
-                  cross_attention_dim=8, norm_num_groups=4, add_downsample=False)
+  block_kw, h, temb, context = down_block_case(attn_kind, batch=1, size=4, context_length=3)
   plain = DownBlock(**block_kw)
   params = numpy_params_for(plain, h, temb, context)
 
@@ -517,12 +525,8 @@ def test_cpu_query_chunk_picks_blocks_within_the_byte_budget():
 def test_attention_in_blocks_of_queries_gives_a_block_s_outputs_and_gradients(attn_kind):
   """A down block (ResNet + transformer) with the CPU's attention in blocks of 16 query rows computes what it computes
   with the whole logits: outputs and parameter gradients; the blocked program is the one with the loops."""
-  rng = np.random.default_rng(0)
-  h = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
-  temb = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
-  context = jnp.asarray(rng.standard_normal((2, 48, 8)), jnp.float32) if attn_kind == "cross" else None
-  block = DownBlock(out_channels=16, num_layers=1, attn_kind=attn_kind, num_attention_heads=2, attention_head_dim=8,
-                    cross_attention_dim=8, norm_num_groups=4, add_downsample=False)
+  block_kw, h, temb, context = down_block_case(attn_kind, batch=2, size=8, context_length=48)
+  block = DownBlock(**block_kw)
   params = numpy_params_for(block, h, temb, context)
 
   def loss(p):
