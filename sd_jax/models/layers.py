@@ -62,9 +62,10 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", None)
 SPLASH_MIN_SEQ_LEN = 4096
 # On a CPU, the "xla" path attends in blocks of query rows whose float32 logits take at most this many bytes
 # (`_attention_query_chunks`) wherever the whole [B, H, T, S] logits would take more: blocks that stay in the
-# caches run the forward and backward passes 2-5× faster at 1,024-4,096 tokens on 2 CPU cores (BENCHMARKS.md,
-# "Attention in blocks of queries on a CPU"). Other platforms run the plain path (cuDNN and splash are their long-
-# sequence kernels). `cpu_attention_block_bytes` changes it while tracing (0: off, as the AOT planner does).
+# caches made a mid-size U-Net's train step with 1,024-token attention about a sixth faster on 2 CPU cores
+# (BENCHMARKS.md, "Attention in blocks of queries on a CPU"). Other platforms run the plain path (cuDNN and
+# splash are their long-sequence kernels). `cpu_attention_block_bytes` changes it while tracing (0: off, as the AOT
+# planner does).
 CPU_ATTENTION_BLOCK_BYTES = 8 << 20
 _CPU_BLOCK_BYTES = contextvars.ContextVar("sd_jax_cpu_attention_block_bytes", default=CPU_ATTENTION_BLOCK_BYTES)
 # The fewest query rows in a block: below this the loop's overhead outweighs what the caches save.
