@@ -534,14 +534,69 @@ def profile_ops(trace_dir, calls: int, top: int = 30) -> list[dict[str, Any]]:
           for name, us in total.most_common(top)]
 
 
+# Collectives in a CPU trace: a thread inside one is waiting for the other devices, not computing.
+_COLLECTIVE_EVENTS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "Rendezvous")
+# The runtime's own spans around ops (the executor's, the thread pool's), not work.
+_RUNTIME_SPANS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
+
+
+def _covered_us(intervals: list[tuple[float, float]]) -> float:
+  """Microseconds covered by the union of [start, end) intervals."""
+  covered, end = 0.0, -math.inf
+  for a, b in sorted(intervals):
+    if b > end:
+      covered += b - max(a, end)
+      end = b
+  return covered
+
+
+def profile_threads(trace_dir, calls: int) -> list[dict[str, Any]]:
+  """How busy XLA's CPU worker threads were over `calls` profiled calls (the Perfetto trace of `profile_ops`):
+  per thread of XLA's intra-op pool ("XLAEigen"), milliseconds per call inside XLA's ops and fusions, and inside
+  collectives (waiting there for the other devices; ops within one count there), each the union of its events'
+  intervals; and (the same in
+  every row) the milliseconds per call during which the program ran on any of them (its executor's spans). A
+  program running T ms on n threads leaves n·T minus the busy and waiting times idle."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  traces = sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
+  if not traces:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: the profiler wrote no trace.")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  ops: dict[Any, list] = collections.defaultdict(list)
+  waits: dict[Any, list] = collections.defaultdict(list)
+  running = []  # the executor's spans on any worker thread: while the program runs
+  for e in events:
+    thread = (e.get("pid"), e.get("tid"))
+    if e.get("ph") != "X" or "XLAEigen" not in names.get(thread, "") or e["name"].startswith("$"):
+      continue
+    span = (e["ts"], e["ts"] + e.get("dur", 0.0))
+    if e["name"].startswith("ThunkExecutor::Execute"):
+      running.append(span)
+    if not e["name"].startswith(_RUNTIME_SPANS):
+      (waits if e["name"].startswith(_COLLECTIVE_EVENTS) else ops)[thread].append(span)
+  threads = sorted(set(ops) | set(waits), key=lambda t: names[t])
+  running_ms = _covered_us(running) / 1e3 / calls
+  out = []
+  for t in threads:
+    waiting = _covered_us(waits[t])
+    busy = _covered_us(ops[t] + waits[t]) - waiting  # ops inside a collective's span count as waiting
+    out.append({"thread": names[t], "running_ms_per_call": running_ms, "busy_ms_per_call": busy / 1e3 / calls,
+                "collective_ms_per_call": waiting / 1e3 / calls})
+  return out
+
+
 def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "auto", devices=None,
                 peak_tflops: float | None = None, baselines: Sequence[str] = (),
                 profile_dir: str | None = None) -> Measurement:
   """Compiles and times the shared train step on a synthetic batch; then, for each of `baselines` (eager,
   compile), the same U-Net with the same initial weights and batch in diffusers/PyTorch (sd_jax/baseline.py), in
   extra["baselines"] with its ratio to sd_jax's median. With `profile_dir`, `steps` more steps run under
-  `jax.profiler.trace` (TensorBoard and Perfetto files there) after the timed ones, and extra["profile"] holds
-  `profile_ops` of them."""
+  `jax.profiler.trace` (TensorBoard and Perfetto files there) after the timed ones, and extra["profile"] and
+  extra["threads"] hold `profile_ops` and `profile_threads` of them."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps={steps} / --warmup={warmup}: time at least 1 step after >= 0 warm-up steps.")
   exp = make_setup(config, task_kind, devices)
@@ -568,13 +623,14 @@ def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "a
     return holder["state"], metrics
 
   times = _timed(one_step, steps, warmup)
-  profile = None
+  profile = threads = None
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(steps):
         one_step()
       jax.block_until_ready(holder["state"])
     profile = profile_ops(profile_dir, steps)
+    threads = profile_threads(profile_dir, steps)
   loss = float(metrics_seen[-1])
   if not math.isfinite(loss):
     raise FloatingPointError(f"the benchmarked step produced loss={loss}; the timing would be meaningless.")
@@ -589,7 +645,7 @@ def bench_train(config, *, steps: int = 10, warmup: int = 2, task_kind: str = "a
   extra = {"loss": loss, "times_s": times, "analytic_breakdown": analytic.as_dict() if analytic else None,
            "memory_analysis": memory}
   if profile is not None:
-    extra["profile"] = profile
+    extra["profile"], extra["threads"] = profile, threads
   if baselines:
     del holder, compiled, step_fn  # free sd_jax's buffers before PyTorch allocates its own
     extra["baselines"] = _train_baselines(exp, *initial, baselines, median, steps=steps, warmup=warmup)
@@ -1292,6 +1348,11 @@ def main(argv):
             f"occurrences per step; trace in {FLAGS.profile_dir}):")
       for op in measurements[0].extra["profile"]:
         print(f"  {op['ms_per_call']:10.2f} ms  {op['per_call']:8.1f}×  {op['name'][:100]}")
+      threads = measurements[0].extra["threads"]
+      print(f"XLA's worker threads, ms per profiled step in ops / waiting in collectives, of the "
+            f"{threads[0]['running_ms_per_call']:.1f} ms the step ran:" if threads else "no XLA worker threads traced")
+      for t in threads:
+        print(f"  {t['busy_ms_per_call']:10.2f} / {t['collective_ms_per_call']:.2f}  {t['thread']}")
   else:
     if baselines:
       raise ValueError("--baseline is for --mode=train and --mode=pipeline (the text-to-image comparison).")

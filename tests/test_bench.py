@@ -162,6 +162,28 @@ def test_peak_table_and_row_appending(tmp_path):
   assert path.read_text().endswith("| 4 |\n\nOther table.\n\n| c |\n|---|\n| 5 |\n")
 
 
+def test_profile_threads_counts_each_threads_covered_time(tmp_path):
+  """Per XLA worker thread: the union of its ops' intervals (nested and overlapping events once), collectives
+  apart (an op partly inside one counts only outside it); the runtime's spans, Python frames and other threads'
+  events left out; and how long the program ran on any worker thread."""
+  import gzip
+  names = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
+           for t, n in ((1, "tf_XLAEigen/1"), (2, "tf_XLAEigen/2"), (3, "tf_XLAPjRtCpuClient/3"))]
+  spans = [(1, "ThunkExecutor::Execute", 0, 100), (2, "ThunkExecutor::Execute", 50, 70),
+           (1, "fusion.1", 10, 20), (1, "fusion.1.inner", 15, 10),
+           (1, "ynn_fusion.2", 40, 10), (1, "all-reduce.3", 60, 30), (1, "Rendezvous", 70, 10), (1, "fusion.6", 85, 10),
+           (1, "$bench.py:1 f", 0, 100), (2, "fusion.4", 0, 5), (3, "fusion.5", 0, 1000)]
+  events = names + [{"ph": "X", "pid": 1, "tid": t, "name": n, "ts": ts, "dur": dur} for t, n, ts, dur in spans]
+  (tmp_path / "p").mkdir()
+  with gzip.open(tmp_path / "p" / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  assert bench.profile_threads(tmp_path, calls=2) == [
+      {"thread": "tf_XLAEigen/1", "running_ms_per_call": pytest.approx(0.06), "busy_ms_per_call": pytest.approx(0.0175),
+       "collective_ms_per_call": pytest.approx(0.015)},
+      {"thread": "tf_XLAEigen/2", "running_ms_per_call": pytest.approx(0.06), "busy_ms_per_call": pytest.approx(0.0025),
+       "collective_ms_per_call": 0.0}]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The modes
 
@@ -176,8 +198,14 @@ def test_train_mode_end_to_end(tmp_path):
   assert [op["ms_per_call"] for op in profile] == sorted((op["ms_per_call"] for op in profile), reverse=True)
   assert any("fusion" in op["name"] or "convolution" in op["name"] for op in profile)  # XLA's own ops
   assert not any(op["name"].startswith("$") for op in profile)  # no Python frames
-  with pytest.raises(FileNotFoundError, match="no perfetto_trace"):
-    bench.profile_ops(tmp_path / "out", 1)  # no trace there
+  # ... and how busy XLA's worker threads were: in ops, and (one device) never in a collective.
+  threads = m.extra["threads"]
+  assert threads and all("XLAEigen" in t["thread"] for t in threads)
+  assert 0 < max(t["busy_ms_per_call"] for t in threads) <= threads[0]["running_ms_per_call"]
+  assert all(t["collective_ms_per_call"] == 0 for t in threads)
+  for fn in (bench.profile_ops, bench.profile_threads):
+    with pytest.raises(FileNotFoundError, match="no perfetto_trace"):
+      fn(tmp_path / "out", 1)  # no trace there
   assert np.isfinite(m.extra["loss"])
   # The analytic count is 3 × the forward of the batch's U-Net; XLA counts the same step within its conventions.
   model = unet_lib.create_unet(config.model.to_dict())
