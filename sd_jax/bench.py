@@ -512,18 +512,23 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
   return times
 
 
-def profile_ops(trace_dir, calls: int, top: int = 30) -> list[dict[str, Any]]:
-  """Where the time of `calls` profiled calls went, from the Perfetto trace `jax.profiler.trace(trace_dir,
-  create_perfetto_trace=True)` wrote: per event name (XLA's ops and fusions, collectives, the runtime's own spans;
-  Python frames left out), milliseconds per call summed over devices and threads, and occurrences per call, the
-  `top` largest first."""
+def _perfetto_events(trace_dir) -> list[dict[str, Any]]:
+  """The events of the newest Perfetto trace `jax.profiler.trace(trace_dir, create_perfetto_trace=True)` wrote."""
   import gzip  # pylint: disable=import-outside-toplevel
   traces = sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
   if not traces:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: the profiler wrote no trace.")
   with gzip.open(traces[-1]) as f:
     events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  return events["traceEvents"] if isinstance(events, dict) else events
+
+
+def profile_ops(trace_dir, calls: int, top: int = 30) -> list[dict[str, Any]]:
+  """Where the time of `calls` profiled calls went, from the Perfetto trace `jax.profiler.trace(trace_dir,
+  create_perfetto_trace=True)` wrote: per event name (XLA's ops and fusions, collectives, the runtime's own spans;
+  Python frames left out), milliseconds per call summed over devices and threads, and occurrences per call, the
+  `top` largest first."""
+  events = _perfetto_events(trace_dir)
   total: collections.Counter = collections.Counter()
   count: collections.Counter = collections.Counter()
   for e in events:
@@ -557,13 +562,7 @@ def profile_threads(trace_dir, calls: int) -> list[dict[str, Any]]:
   intervals; and (the same in
   every row) the milliseconds per call during which the program ran on any of them (its executor's spans). A
   program running T ms on n threads leaves n·T minus the busy and waiting times idle."""
-  import gzip  # pylint: disable=import-outside-toplevel
-  traces = sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
-  if not traces:
-    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: the profiler wrote no trace.")
-  with gzip.open(traces[-1]) as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  events = _perfetto_events(trace_dir)
   names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "thread_name"}
   ops: dict[Any, list] = collections.defaultdict(list)
