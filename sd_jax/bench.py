@@ -559,9 +559,8 @@ def profile_threads(trace_dir, calls: int) -> list[dict[str, Any]]:
   """How busy XLA's CPU worker threads were over `calls` profiled calls (the Perfetto trace of `profile_ops`):
   per thread of XLA's intra-op pool ("XLAEigen"), milliseconds per call inside XLA's ops and fusions, and inside
   collectives (waiting there for the other devices; ops within one count there), each the union of its events'
-  intervals; and (the same in
-  every row) the milliseconds per call during which the program ran on any of them (its executor's spans). A
-  program running T ms on n threads leaves n·T minus the busy and waiting times idle."""
+  intervals; and, the same in every row, the milliseconds per call during which the program ran on any of them
+  (its executor's spans). A program running T ms on n threads leaves n·T minus the busy and waiting times idle."""
   events = _perfetto_events(trace_dir)
   names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "thread_name"}
